@@ -1,0 +1,86 @@
+// The device-neutral LSTM driver and the two pointwise hooks each backend supplies.
+//
+// The op (`handlstm::lstm_forward` / `lstm_backward`, schemas in lstm_ops.cpp) is served by a
+// backend entry (`lstm_forward_cpu` / `lstm_forward_cuda`, ...) that puts a device guard in
+// place and calls the driver here with its own pointwise hooks. The driver owns validation,
+// allocation, the time loop and every GEMM (through ATen, so CPU BLAS or cuBLAS on the
+// caller's stream); a backend only implements one fused pointwise pass per step and direction.
+//
+// Shapes (vocabulary in gate_math.h): input (T, N, I), h0 (N, Hout), c0 (N, H),
+// weight_ih (4H, I), weight_hh (4H, Hout), bias (4H,), weight_hr (P, H),
+// batch_sizes (T,) int64 on the CPU.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace handlstm {
+
+// One forward step over the active rows [0, n) of one time step. Rows [0, n_prev) continue the
+// previous step and read c_{t-1} from c_prev (n_prev, H); rows [n_prev, n) start here and read
+// c0. All tensors are contiguous.
+//   gates   (n, 4H)  in: pre-activations;   out: activated gates i, f, g, o
+//   c_prev  (n_prev, H), c0 (N, H)
+//   c_out   (n, H)   c_t
+//   m_out   (n, H)   o * tanh(c_t)  (h_t without projection)
+struct CellForwardArgs {
+  at::Tensor gates;
+  at::Tensor c_prev;
+  at::Tensor c0;
+  at::Tensor c_out;
+  at::Tensor m_out;
+  int64_t n;
+  int64_t n_prev;
+};
+
+// One backward step over the active rows [0, n); c_prev/c0/n_prev as in CellForwardArgs.
+//   gates    (n, 4H) activated gates of this step;  c (n, H) c_t
+//   dm       (n, H)  dL/dm_t (without projection: the recurrent dL/dh_t)
+//   grad_out (n, H)  dL/doutput_t added to dm when defined (only without projection)
+//   dc       (n, H)  in: dL/dc_t;  out: dL/dc_{t-1}
+//   dgates   (n, 4H) out: pre-activation gradients
+struct CellBackwardArgs {
+  at::Tensor gates;
+  at::Tensor c;
+  at::Tensor c_prev;
+  at::Tensor c0;
+  at::Tensor dm;
+  at::Tensor grad_out;
+  at::Tensor dc;
+  at::Tensor dgates;
+  int64_t n;
+  int64_t n_prev;
+};
+
+struct CellKernels {
+  void (*forward)(const CellForwardArgs&);
+  void (*backward)(const CellBackwardArgs&);
+};
+
+// (output, h_n, c_n, gates, cells, proj_in); proj_in is m (T, N, H) with projection, else empty.
+using ForwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// (grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr)
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor, at::Tensor>;
+
+ForwardResult lstm_forward_impl(const at::Tensor& input, const at::Tensor& h0,
+                                const at::Tensor& c0, const at::Tensor& weight_ih,
+                                const at::Tensor& weight_hh,
+                                const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& weight_hr,
+                                const std::optional<at::Tensor>& batch_sizes, bool reverse,
+                                const CellKernels& kernels);
+
+BackwardResult lstm_backward_impl(
+    const std::optional<at::Tensor>& grad_output, const std::optional<at::Tensor>& grad_h_n,
+    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& weight_hr, const at::Tensor& output,
+    const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& proj_in,
+    const std::optional<at::Tensor>& batch_sizes, bool reverse, const CellKernels& kernels);
+
+}  // namespace handlstm

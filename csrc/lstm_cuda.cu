@@ -1,0 +1,167 @@
+// CUDA backend: the fused pointwise kernels (cell_forward_kernel / cell_backward_kernel), their
+// launchers, and the backend entries registered for the CUDA dispatch key. GEMMs run in the
+// shared driver through ATen, i.e. cuBLAS with ATen's handle on the caller's current stream.
+//
+// One thread per (row, hidden unit) element of a step, a grid-stride loop over n * H with
+// 64-bit indices, so no element count or grid dimension limit applies.
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAException.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "gate_math.h"
+#include "lstm.h"
+
+namespace handlstm {
+namespace {
+
+constexpr int kThreads = 256;
+
+// Blocks for `count` elements: enough to fill the GPU several times over, then the grid-stride
+// loop covers the rest.
+unsigned int blocks_for(int64_t count) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t wanted = (count + kThreads - 1) / kThreads;
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(wanted, sms * 32)));
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ const scalar_t* c_prev_row(const scalar_t* c_prev, const scalar_t* c0,
+                                                      int64_t row, int64_t H, int64_t n_prev) {
+  return row < n_prev ? c_prev + row * H : c0 + row * H;
+}
+
+// gates (n, 4H) in: pre-activations, out: activated; c_prev (n_prev, H); c0 (N, H);
+// c, m (n, H).
+template <typename scalar_t>
+__global__ void cell_forward_kernel(scalar_t* __restrict__ gates,
+                                    const scalar_t* __restrict__ c_prev,
+                                    const scalar_t* __restrict__ c0, scalar_t* __restrict__ c,
+                                    scalar_t* __restrict__ m, int64_t n, int64_t H,
+                                    int64_t n_prev) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t count = n * H;
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < count;
+       k += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = k / H;
+    const int64_t j = k - row * H;
+    scalar_t* g = gates + row * 4 * H;
+    const acc_t cp = c_prev_row(c_prev, c0, row, H, n_prev)[j];
+    acc_t cv, mv;
+    const auto a = cell_forward<acc_t>(g[j], g[H + j], g[2 * H + j], g[3 * H + j], cp, &cv, &mv);
+    g[j] = a.i;
+    g[H + j] = a.f;
+    g[2 * H + j] = a.g;
+    g[3 * H + j] = a.o;
+    c[k] = cv;
+    m[k] = mv;
+  }
+}
+
+// gates (n, 4H) activated; c (n, H); c_prev (n_prev, H); c0 (N, H); dm, grad_out (n, H),
+// grad_out may be null; dc (n, H) in dL/dc_t, out dL/dc_{t-1}; dgates (n, 4H).
+template <typename scalar_t>
+__global__ void cell_backward_kernel(const scalar_t* __restrict__ gates,
+                                     const scalar_t* __restrict__ c,
+                                     const scalar_t* __restrict__ c_prev,
+                                     const scalar_t* __restrict__ c0,
+                                     const scalar_t* __restrict__ dm,
+                                     const scalar_t* __restrict__ grad_out,
+                                     scalar_t* __restrict__ dc, scalar_t* __restrict__ dgates,
+                                     int64_t n, int64_t H, int64_t n_prev) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t count = n * H;
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < count;
+       k += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = k / H;
+    const int64_t j = k - row * H;
+    const scalar_t* g = gates + row * 4 * H;
+    const Gates<acc_t> a{g[j], g[H + j], g[2 * H + j], g[3 * H + j]};
+    acc_t dmv = dm[k];
+    if (grad_out != nullptr) dmv += acc_t(grad_out[k]);
+    acc_t dcp;
+    const auto dp = cell_backward<acc_t>(a, c[k], c_prev_row(c_prev, c0, row, H, n_prev)[j], dmv,
+                                         dc[k], &dcp);
+    scalar_t* dg = dgates + row * 4 * H;
+    dg[j] = dp.i;
+    dg[H + j] = dp.f;
+    dg[2 * H + j] = dp.g;
+    dg[3 * H + j] = dp.o;
+    dc[k] = dcp;
+  }
+}
+
+template <typename scalar_t>
+const scalar_t* ptr_or_null(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.const_data_ptr<scalar_t>() : nullptr;
+}
+
+void launch_cell_forward(const CellForwardArgs& a) {
+  const int64_t H = a.c0.size(1);
+  if (a.n * H == 0) return;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.gates.scalar_type(),
+                                  "cell_forward_cuda", [&] {
+    cell_forward_kernel<scalar_t><<<blocks_for(a.n * H), kThreads, 0, stream>>>(
+        a.gates.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.c_prev),
+        a.c0.const_data_ptr<scalar_t>(), a.c_out.data_ptr<scalar_t>(),
+        a.m_out.data_ptr<scalar_t>(), a.n, H, a.n_prev);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void launch_cell_backward(const CellBackwardArgs& a) {
+  const int64_t H = a.c0.size(1);
+  if (a.n * H == 0) return;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.gates.scalar_type(),
+                                  "cell_backward_cuda", [&] {
+    cell_backward_kernel<scalar_t><<<blocks_for(a.n * H), kThreads, 0, stream>>>(
+        a.gates.const_data_ptr<scalar_t>(), a.c.const_data_ptr<scalar_t>(),
+        ptr_or_null<scalar_t>(a.c_prev), a.c0.const_data_ptr<scalar_t>(),
+        a.dm.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.grad_out),
+        a.dc.data_ptr<scalar_t>(), a.dgates.data_ptr<scalar_t>(), a.n, H, a.n_prev);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+constexpr CellKernels kCudaKernels{launch_cell_forward, launch_cell_backward};
+
+ForwardResult lstm_forward_cuda(const at::Tensor& input, const at::Tensor& h0,
+                                const at::Tensor& c0, const at::Tensor& weight_ih,
+                                const at::Tensor& weight_hh,
+                                const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& weight_hr,
+                                const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+  TORCH_CHECK(input.is_cuda(), "handlstm: the CUDA kernel got input on ", input.device());
+  const c10::cuda::CUDAGuard guard(input.device());
+  return lstm_forward_impl(input, h0, c0, weight_ih, weight_hh, bias, weight_hr, batch_sizes,
+                           reverse, kCudaKernels);
+}
+
+BackwardResult lstm_backward_cuda(
+    const std::optional<at::Tensor>& grad_output, const std::optional<at::Tensor>& grad_h_n,
+    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& weight_hr, const at::Tensor& output,
+    const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& proj_in,
+    const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+  TORCH_CHECK(input.is_cuda(), "handlstm: the CUDA kernel got input on ", input.device());
+  const c10::cuda::CUDAGuard guard(input.device());
+  return lstm_backward_impl(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh,
+                            weight_hr, output, gates, cells, proj_in, batch_sizes, reverse,
+                            kCudaKernels);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(handlstm, CUDA, m) {
+  m.impl("lstm_forward", &lstm_forward_cuda);
+  m.impl("lstm_backward", &lstm_backward_cuda);
+}
+
+}  // namespace handlstm

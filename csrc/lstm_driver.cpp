@@ -1,0 +1,359 @@
+// Device-neutral time loop of the fused LSTM: validation, allocation, every GEMM, and one call
+// of the backend's fused pointwise hook per step. See lstm.h for the contract and
+// docs/derivation.md for the math ("Note [Backward through time]" below summarises it).
+//
+// Indices: tensors are addressed through ATen views (64-bit sizes and strides); the pointwise
+// hooks use 64-bit offsets themselves, so no 32-bit limit applies anywhere in this op.
+#include "lstm.h"
+
+#include <algorithm>
+#include <sstream>
+#include <string>
+
+namespace handlstm {
+namespace {
+
+struct Dims {
+  int64_t T, N, I, H, G, Hout;
+  bool proj;
+};
+
+std::string shape_str(at::IntArrayRef sizes) {
+  std::ostringstream s;
+  s << "(";
+  for (size_t k = 0; k < sizes.size(); ++k) s << (k ? ", " : "") << sizes[k];
+  s << (sizes.size() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+void check_rank(const char* op, const at::Tensor& t, const char* name, int64_t dim,
+                const char* shape) {
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D with shape ", shape,
+              ", got a ", t.dim(), "-D tensor of shape ", shape_str(t.sizes()));
+}
+
+void check_shape(const char* op, const at::Tensor& t, const char* name, const char* symbolic,
+                 at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", symbolic, " = ",
+              shape_str(expected), ", got ", shape_str(t.sizes()));
+}
+
+// Same dtype and device as `input`: the op never casts or moves a tensor behind the caller's
+// back.
+void check_like_input(const char* op, const at::Tensor& t, const char* name,
+                      const at::Tensor& input) {
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": ", name,
+              " must have the dtype of input (", input.scalar_type(), "), got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " must be on input's device (",
+              input.device(), "), got ", t.device());
+}
+
+const at::Tensor* opt(const std::optional<at::Tensor>& t) {
+  return (t.has_value() && t->defined()) ? &*t : nullptr;
+}
+
+Dims check_args(const char* op, const at::Tensor& input, const at::Tensor& h0,
+                const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                const at::Tensor* bias, const at::Tensor* weight_hr,
+                const at::Tensor* batch_sizes) {
+  TORCH_CHECK(input.defined(), op, ": input is undefined");
+  const auto dt = input.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              op, ": input must be float32, float64, float16 or bfloat16, got ", dt);
+  check_rank(op, input, "input", 3, "(T, N, I)");
+  struct Named {
+    const at::Tensor* t;
+    const char* name;
+    int64_t dim;
+    const char* shape;
+  };
+  const Named others[] = {{&h0, "h0", 2, "(N, Hout)"},
+                          {&c0, "c0", 2, "(N, H)"},
+                          {&weight_ih, "weight_ih", 2, "(4H, I)"},
+                          {&weight_hh, "weight_hh", 2, "(4H, Hout)"},
+                          {bias, "bias", 1, "(4H,)"},
+                          {weight_hr, "weight_hr", 2, "(P, H)"}};
+  for (const auto& a : others) {
+    if (a.t == nullptr) continue;
+    TORCH_CHECK(a.t->defined(), op, ": ", a.name, " is undefined");
+    check_like_input(op, *a.t, a.name, input);
+    check_rank(op, *a.t, a.name, a.dim, a.shape);
+  }
+
+  Dims d;
+  d.T = input.size(0);
+  d.N = input.size(1);
+  d.I = input.size(2);
+  d.G = weight_ih.size(0);
+  TORCH_CHECK(d.G > 0 && d.G % 4 == 0, op,
+              ": weight_ih must have 4H rows (a positive multiple of 4, gates i, f, g, o), got ",
+              d.G);
+  d.H = d.G / 4;
+  d.proj = weight_hr != nullptr;
+  d.Hout = d.proj ? weight_hr->size(0) : d.H;
+  if (d.proj) {
+    TORCH_CHECK(weight_hr->size(0) > 0, op, ": weight_hr must have P > 0 rows, got shape ",
+                shape_str(weight_hr->sizes()));
+    check_shape(op, *weight_hr, "weight_hr", "(P, H)", {d.Hout, d.H});
+  }
+  check_shape(op, weight_ih, "weight_ih", "(4H, I)", {d.G, d.I});
+  check_shape(op, weight_hh, "weight_hh", "(4H, Hout)", {d.G, d.Hout});
+  if (bias) check_shape(op, *bias, "bias", "(4H,)", {d.G});
+  check_shape(op, h0, "h0", "(N, Hout)", {d.N, d.Hout});
+  check_shape(op, c0, "c0", "(N, H)", {d.N, d.H});
+
+  if (batch_sizes) {
+    const auto& bs = *batch_sizes;
+    TORCH_CHECK(bs.scalar_type() == at::kLong && bs.device().is_cpu() && bs.dim() == 1, op,
+                ": batch_sizes must be a 1-D int64 CPU tensor, got a ", bs.dim(), "-D ",
+                bs.scalar_type(), " tensor on ", bs.device());
+    TORCH_CHECK(bs.size(0) == d.T, op, ": batch_sizes must have shape (T,) = (", d.T,
+                ",), got ", shape_str(bs.sizes()));
+    const auto bsc = bs.contiguous();
+    const int64_t* v = bsc.data_ptr<int64_t>();
+    for (int64_t t = 0; t < d.T; ++t) {
+      TORCH_CHECK(v[t] >= 0 && v[t] <= d.N, op, ": batch_sizes[", t, "] = ", v[t],
+                  " is outside [0, N] = [0, ", d.N, "]");
+      TORCH_CHECK(t == 0 || v[t] <= v[t - 1], op,
+                  ": batch_sizes must be non-increasing (sorted, as in a PackedSequence), got ",
+                  v[t - 1], " then ", v[t], " at t = ", t);
+    }
+  }
+  return d;
+}
+
+// Processing order of the time loop and the active row count of each step.
+struct Schedule {
+  int64_t T;
+  bool reverse;
+  std::vector<int64_t> active;  // per time index t
+
+  int64_t time(int64_t s) const { return reverse ? T - 1 - s : s; }
+  int64_t rows(int64_t s) const { return active[time(s)]; }
+};
+
+Schedule make_schedule(const Dims& d, const at::Tensor* batch_sizes, bool reverse) {
+  Schedule sch{d.T, reverse, std::vector<int64_t>(d.T, d.N)};
+  if (batch_sizes) {
+    const auto bsc = batch_sizes->contiguous();
+    std::copy_n(bsc.data_ptr<int64_t>(), d.T, sch.active.begin());
+  }
+  return sch;
+}
+
+at::Tensor rows(const at::Tensor& t, int64_t begin, int64_t end) {
+  return t.narrow(0, begin, end - begin);
+}
+
+// Packed input leaves inactive positions untouched by the loop; they must read as zero.
+at::Tensor alloc(bool packed, at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  return packed ? at::zeros(sizes, opts) : at::empty(sizes, opts);
+}
+
+}  // namespace
+
+ForwardResult lstm_forward_impl(const at::Tensor& input_, const at::Tensor& h0_,
+                                const at::Tensor& c0_, const at::Tensor& weight_ih_,
+                                const at::Tensor& weight_hh_,
+                                const std::optional<at::Tensor>& bias_,
+                                const std::optional<at::Tensor>& weight_hr_,
+                                const std::optional<at::Tensor>& batch_sizes_, bool reverse,
+                                const CellKernels& kernels) {
+  const char* op = "handlstm.lstm_forward";
+  const Dims d = check_args(op, input_, h0_, c0_, weight_ih_, weight_hh_, opt(bias_),
+                            opt(weight_hr_), opt(batch_sizes_));
+  const bool packed = opt(batch_sizes_) != nullptr;
+  const Schedule sch = make_schedule(d, opt(batch_sizes_), reverse);
+
+  const auto x = input_.contiguous();
+  const auto h0 = h0_.contiguous();
+  const auto c0 = c0_.contiguous();
+  const auto w_ih = weight_ih_.contiguous();
+  const auto w_hh = weight_hh_.contiguous();
+  const auto w_hr = d.proj ? weight_hr_->contiguous() : at::Tensor();
+
+  const auto opts = x.options();
+  auto gates = alloc(packed, {d.T, d.N, d.G}, opts);
+  auto output = alloc(packed, {d.T, d.N, d.Hout}, opts);
+  auto cells = alloc(packed, {d.T, d.N, d.H}, opts);
+  auto proj_in = d.proj ? alloc(packed, {d.T, d.N, d.H}, opts) : at::empty({0}, opts);
+
+  // Phase 1: the input projection of all T steps as one GEMM, bias folded in.
+  if (d.T * d.N > 0) {
+    auto gates2d = gates.view({d.T * d.N, d.G});
+    const auto x2d = x.view({d.T * d.N, d.I});
+    if (opt(bias_)) {
+      at::addmm_out(gates2d, bias_->contiguous(), x2d, w_ih.t());
+    } else {
+      at::mm_out(gates2d, x2d, w_ih.t());
+    }
+  }
+
+  // Phase 2: per step, the recurrent GEMM into the gate slab, one fused pointwise pass, and
+  // the projection GEMM when projecting. Rows that continue the previous step read its
+  // output; rows that start at this step (reverse direction over packed input) read h0/c0.
+  const auto w_hh_t = w_hh.t();
+  int64_t t_prev = -1, n_prev = 0;
+  for (int64_t s = 0; s < d.T; ++s) {
+    const int64_t t = sch.time(s);
+    const int64_t n = sch.rows(s);
+    const int64_t n_cont = std::min(n, n_prev);
+    if (n > 0) {
+      auto g_t = rows(gates[t], 0, n);
+      if (n_cont > 0) rows(g_t, 0, n_cont).addmm_(rows(output[t_prev], 0, n_cont), w_hh_t);
+      if (n > n_cont) rows(g_t, n_cont, n).addmm_(rows(h0, n_cont, n), w_hh_t);
+
+      auto m_t = rows(d.proj ? proj_in[t] : output[t], 0, n);
+      kernels.forward({g_t, t_prev >= 0 ? rows(cells[t_prev], 0, n_cont) : at::Tensor(), c0,
+                       rows(cells[t], 0, n), m_t, n, n_cont});
+      if (d.proj) {
+        auto h_t = rows(output[t], 0, n);
+        at::mm_out(h_t, m_t, w_hr.t());
+      }
+    }
+    t_prev = t;
+    n_prev = n;
+  }
+
+  // Phase 3: final states. A row's final state is at the last processed step where it was
+  // active; rows never active keep h0/c0.
+  auto h_n = h0.clone();
+  auto c_n = c0.clone();
+  int64_t covered = 0;
+  for (int64_t s = d.T - 1; s >= 0 && covered < d.N; --s) {
+    const int64_t n = sch.rows(s);
+    if (n > covered) {
+      const int64_t t = sch.time(s);
+      rows(h_n, covered, n).copy_(rows(output[t], covered, n));
+      rows(c_n, covered, n).copy_(rows(cells[t], covered, n));
+      covered = n;
+    }
+  }
+
+  // The gate slab holds x W_ih^T + b at inactive positions; clear it so every output of the
+  // op is fully defined.
+  if (packed) {
+    for (int64_t t = 0; t < d.T; ++t) {
+      if (sch.active[t] < d.N) rows(gates[t], sch.active[t], d.N).zero_();
+    }
+  }
+  return {output, h_n, c_n, gates, cells, proj_in};
+}
+
+// Note [Backward through time]
+// Walking the forward's processing order backwards, each step
+//   1. adds dL/doutput_t to the running dh of its active rows,
+//   2. maps dh through the projection (dm = dh W_hr) when projecting,
+//   3. runs the fused pointwise backward: dp (pre-activation grads) and dc_{t-1} = dc_total * f,
+//   4. computes dh_{t-1} = dp W_hh for the active rows (one GEMM).
+// Inactive rows carry dh and dc unchanged, exactly as their state was carried forward. After
+// the loop, dW_ih, dW_hh, dx and dW_hr are single GEMMs over all steps and the bias gradient is
+// a sum over (T, N): no atomics anywhere, so results are bitwise reproducible.
+BackwardResult lstm_backward_impl(
+    const std::optional<at::Tensor>& grad_output_, const std::optional<at::Tensor>& grad_h_n_,
+    const std::optional<at::Tensor>& grad_c_n_, const at::Tensor& input_, const at::Tensor& h0_,
+    const at::Tensor& c0_, const at::Tensor& weight_ih_, const at::Tensor& weight_hh_,
+    const std::optional<at::Tensor>& weight_hr_, const at::Tensor& output_,
+    const at::Tensor& gates_, const at::Tensor& cells_, const at::Tensor& proj_in_,
+    const std::optional<at::Tensor>& batch_sizes_, bool reverse, const CellKernels& kernels) {
+  const char* op = "handlstm.lstm_backward";
+  const Dims d = check_args(op, input_, h0_, c0_, weight_ih_, weight_hh_, nullptr,
+                            opt(weight_hr_), opt(batch_sizes_));
+  const bool packed = opt(batch_sizes_) != nullptr;
+  const Schedule sch = make_schedule(d, opt(batch_sizes_), reverse);
+
+  struct Saved {
+    const at::Tensor* t;
+    const char* name;
+    const char* symbolic;
+    std::vector<int64_t> shape;
+  };
+  const Saved saved[] = {{&output_, "output", "(T, N, Hout)", {d.T, d.N, d.Hout}},
+                         {&gates_, "gates", "(T, N, 4H)", {d.T, d.N, d.G}},
+                         {&cells_, "cells", "(T, N, H)", {d.T, d.N, d.H}},
+                         {&proj_in_, "proj_in", "(T, N, H) or (0,)",
+                          d.proj ? std::vector<int64_t>{d.T, d.N, d.H} : std::vector<int64_t>{0}},
+                         {opt(grad_output_), "grad_output", "(T, N, Hout)", {d.T, d.N, d.Hout}},
+                         {opt(grad_h_n_), "grad_h_n", "(N, Hout)", {d.N, d.Hout}},
+                         {opt(grad_c_n_), "grad_c_n", "(N, H)", {d.N, d.H}}};
+  for (const auto& a : saved) {
+    if (a.t == nullptr) continue;
+    check_like_input(op, *a.t, a.name, input_);
+    check_shape(op, *a.t, a.name, a.symbolic, a.shape);
+  }
+
+  const auto x = input_.contiguous();
+  const auto h0 = h0_.contiguous();
+  const auto c0 = c0_.contiguous();
+  const auto w_ih = weight_ih_.contiguous();
+  const auto w_hh = weight_hh_.contiguous();
+  const auto w_hr = d.proj ? weight_hr_->contiguous() : at::Tensor();
+  const auto output = output_.contiguous();
+  const auto gates = gates_.contiguous();
+  const auto cells = cells_.contiguous();
+  const auto proj_in = proj_in_.contiguous();
+  const auto gout = opt(grad_output_) ? grad_output_->contiguous() : at::Tensor();
+
+  const auto opts = x.options();
+  auto dh = opt(grad_h_n_) ? grad_h_n_->contiguous().clone() : at::zeros({d.N, d.Hout}, opts);
+  auto dc = opt(grad_c_n_) ? grad_c_n_->contiguous().clone() : at::zeros({d.N, d.H}, opts);
+  auto dgates = alloc(packed, {d.T, d.N, d.G}, opts);
+  auto dm_buf = d.proj ? at::empty({d.N, d.H}, opts) : at::Tensor();
+  auto dhs = d.proj ? alloc(packed, {d.T, d.N, d.Hout}, opts) : at::Tensor();
+
+  for (int64_t s = d.T - 1; s >= 0; --s) {
+    const int64_t t = sch.time(s);
+    const int64_t n = sch.rows(s);
+    if (n == 0) continue;
+    const int64_t t_prev = s > 0 ? sch.time(s - 1) : -1;
+    const int64_t n_cont = s > 0 ? std::min(n, sch.rows(s - 1)) : 0;
+
+    auto dh_n = rows(dh, 0, n);
+    at::Tensor dm, go;
+    if (d.proj) {
+      if (gout.defined()) dh_n.add_(rows(gout[t], 0, n));
+      rows(dhs[t], 0, n).copy_(dh_n);
+      dm = rows(dm_buf, 0, n);
+      at::mm_out(dm, dh_n, w_hr);
+    } else {
+      dm = dh_n;
+      if (gout.defined()) go = rows(gout[t], 0, n);
+    }
+    auto dg_t = rows(dgates[t], 0, n);
+    kernels.backward({rows(gates[t], 0, n), rows(cells[t], 0, n),
+                      t_prev >= 0 ? rows(cells[t_prev], 0, n_cont) : at::Tensor(), c0, dm, go,
+                      rows(dc, 0, n), dg_t, n, n_cont});
+    at::mm_out(dh_n, dg_t, w_hh);
+  }
+
+  // Weight, input and bias gradients as whole-sequence GEMMs and one reduction.
+  const auto dg2d = dgates.view({d.T * d.N, d.G});
+  auto grad_input = at::mm(dg2d, w_ih).view({d.T, d.N, d.I});
+  auto grad_w_ih = at::mm(dg2d.t(), x.view({d.T * d.N, d.I}));
+  auto grad_bias = dgates.sum(at::IntArrayRef{0, 1});
+
+  // dW_hh = sum_t dp_t^T h_{t-1}. h_{t-1} is the previous processed step's output, except for
+  // the first step and for rows that start mid-sequence, which read h0.
+  auto grad_w_hh = at::zeros({d.G, d.Hout}, opts);
+  if (d.T > 0) {
+    if (d.T > 1) {
+      const auto later = reverse ? dgates.narrow(0, 0, d.T - 1) : dgates.narrow(0, 1, d.T - 1);
+      const auto earlier = reverse ? output.narrow(0, 1, d.T - 1) : output.narrow(0, 0, d.T - 1);
+      grad_w_hh.addmm_(later.reshape({-1, d.G}).t(), earlier.reshape({-1, d.Hout}));
+    }
+    for (int64_t s = 0; s < d.T; ++s) {
+      const int64_t n = sch.rows(s);
+      const int64_t n_cont = s > 0 ? std::min(n, sch.rows(s - 1)) : 0;
+      if (n > n_cont) {
+        grad_w_hh.addmm_(rows(dgates[sch.time(s)], n_cont, n).t(), rows(h0, n_cont, n));
+      }
+    }
+  }
+  auto grad_w_hr = d.proj ? at::mm(dhs.view({d.T * d.N, d.Hout}).t(),
+                                   proj_in.view({d.T * d.N, d.H}))
+                          : at::empty({0}, opts);
+  return {grad_input, dh, dc, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
+}
+
+}  // namespace handlstm

@@ -1,0 +1,14 @@
+"""handlstm_cuda: a fused LSTM for PyTorch with a hand-derived backward, on CPU and CUDA.
+
+    import handlstm_cuda
+    output, h_n, c_n = handlstm_cuda.lstm(input, h0, c0, weight_ih, weight_hh, bias)
+
+See README.md for the API, the drop-in modules and the benchmarks.
+"""
+
+from . import reference
+from ._ext import cpu_pointwise_path, has_cuda_kernels
+from ._ops import LSTMFunction, lstm
+
+__all__ = ["lstm", "LSTMFunction", "reference", "has_cuda_kernels", "cpu_pointwise_path"]
+__version__ = "0.1.0"
