@@ -1,0 +1,130 @@
+"""What a result was measured on: machine, library versions and settings, as ordered pairs.
+
+Every output file (CSV, markdown) starts with these, so a table can be judged without the
+command that made it.
+"""
+
+import datetime
+import os
+import platform
+import re
+import subprocess
+
+import torch
+
+from .data import REPO_ROOT
+
+# Keys every CSV header carries; tests/test_bench.py checks them.
+REQUIRED_KEYS = (
+    "date",
+    "command",
+    "preset",
+    "device",
+    "device_name",
+    "gpu_name",
+    "cpu_model",
+    "threads",
+    "torch",
+    "cuda",
+    "cudnn",
+    "onednn",
+    "dtypes",
+    "tf32",
+    "baseline",
+    "timing",
+)
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def onednn_version():
+    if not torch.backends.mkldnn.is_available():
+        return "not built"
+    m = re.search(r"MKL-DNN (v[\d.]+)", torch.__config__.show())
+    return m.group(1) if m else "built (version unknown)"
+
+
+def cudnn_version():
+    if not torch.backends.cudnn.is_available():
+        return "not available"
+    v = torch.backends.cudnn.version()
+    return f"{v // 10000}.{v // 100 % 100}.{v % 100}" if v else "unknown"
+
+
+def git_describe():
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return commit + (" (with uncommitted changes)" if dirty else "")
+
+
+def ours_description(hl):
+    if hl is None:
+        return "not timed"
+    parts = [str(getattr(hl, "__version__", "version unknown"))]
+    has = getattr(hl, "has_cuda_kernels", None)
+    if has is not None:
+        parts.append(f"has_cuda_kernels={has()}")
+    return ", ".join(parts)
+
+
+def collect(args, device, settings, hl, baselines, timing_desc, data_sources):
+    is_cuda = device.type == "cuda"
+    gpu = torch.cuda.get_device_name(device) if is_cuda else "none (CPU run)"
+    tf32 = sorted({s.tf32 for s in settings})
+    meta = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join(["python -m benchmarks.bench"] + list(args.argv)),
+        "preset": args.preset,
+        "device": str(device),
+        "device_name": gpu if is_cuda else f"{cpu_model()} ({os.cpu_count()} logical CPUs)",
+        "gpu_name": gpu,
+        "cpu_model": cpu_model(),
+        "threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "cuda": (
+            f"{torch.version.cuda} (torch build)" if torch.version.cuda else "none (CPU build)"
+        )
+        + ("" if is_cuda else "; not used in a CPU run"),
+        "cudnn": cudnn_version() + ("" if is_cuda else "; not used in a CPU run"),
+        "onednn": onednn_version() + ("; not used in a CUDA run" if is_cuda else ""),
+        "dtypes": ",".join(dict.fromkeys(s.dtype_name for s in settings)),
+        "tf32": ",".join(tf32)
+        + (
+            " (on = torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32 "
+            "both True for ours and torch; off = both False; float32 only)"
+            if is_cuda
+            else " (CPU run)"
+        ),
+        "baseline": "torch.nn.LSTM -> " + ", ".join(sorted(baselines) or ["not run"]),
+        "ours": ours_description(hl),
+        "timing": timing_desc,
+        "data": ", ".join(sorted(data_sources)) or "none",
+        "git": git_describe(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if is_cuda:
+        props = torch.cuda.get_device_properties(device)
+        meta["gpu_detail"] = (
+            f"cc {props.major}.{props.minor}, {props.multi_processor_count} SMs, "
+            f"{props.total_memory / 2**30:.0f} GiB"
+        )
+    return meta
