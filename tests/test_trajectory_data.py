@@ -3,19 +3,14 @@
 Everything runs on generated windows; the tests on the real folder skip when it is absent.
 """
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from examples.trajectory import data as D  # noqa: E402
-from examples.trajectory import synthetic as S  # noqa: E402
-from examples.trajectory import training as T  # noqa: E402
+from examples.trajectory import data as D
+from examples.trajectory import synthetic as S
+from examples.trajectory import training as T
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +45,8 @@ def test_missing_column_names_the_file(tmp_path, synth):
     header[9] = "dis_left"
     bad = _write(tmp_path, "5.csv", synth[0][0], header)
     _write(tmp_path, "4.csv", synth[0][1])
-    with pytest.raises(D.DataFormatError, match=r"5\.csv.*missing \['dis_l'\].*unexpected \['dis_left'\]"):
+    expect = r"5\.csv.*missing \['dis_l'\].*unexpected \['dis_left'\]"
+    with pytest.raises(D.DataFormatError, match=expect):
         D.load_folder(tmp_path)
     with pytest.raises(D.DataFormatError, match=str(bad.name)):
         D.read_window_csv(bad)

@@ -5,23 +5,17 @@ extension provides it.
 """
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from examples.trajectory import data as D  # noqa: E402
-from examples.trajectory import metrics as M  # noqa: E402
-from examples.trajectory import synthetic as S  # noqa: E402
-from examples.trajectory import training as T  # noqa: E402
-from examples.trajectory.cli import main  # noqa: E402
-from examples.trajectory.model import (  # noqa: E402
+from examples.trajectory import data as D
+from examples.trajectory import metrics as M
+from examples.trajectory import synthetic as S
+from examples.trajectory import training as T
+from examples.trajectory.cli import main
+from examples.trajectory.model import (
     TrajectoryForecaster,
     build_model,
     handlstm_unavailable_reason,
@@ -121,7 +115,8 @@ def test_lstm_class_choices():
 
 def test_tiny_training_run_loss_decreases(tiny_prep):
     cfg = T.TrainConfig(**TINY)
-    state = T.train(tiny_prep, cfg, "torch", torch.device("cpu"), progress=False, log=lambda s: None)
+    quiet = dict(progress=False, log=lambda s: None)
+    state = T.train(tiny_prep, cfg, "torch", torch.device("cpu"), **quiet)
     hist = state["history"]
     assert len(hist) == cfg.epochs
     assert hist[-1]["train_loss"] < 0.8 * hist[0]["train_loss"]
@@ -184,7 +179,8 @@ def test_handlstm_training_matches_torch_training(tiny_prep):
 
 def test_cli_run_evaluate_predict_on_synthetic_data(tmp_path, capsys):
     out = tmp_path / "run"
-    common = ["--synthetic", "300", "--out", str(out), "--quiet", "--lstm", "torch", "--threads", "1"]
+    common = ["--synthetic", "300", "--out", str(out), "--quiet", "--lstm", "torch"]
+    common += ["--threads", "1"]
     report = main(["run", *common, "--epochs", "2", "--hidden", "8", "--head", "8"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["model"]["windows"] > 0
@@ -195,7 +191,8 @@ def test_cli_run_evaluate_predict_on_synthetic_data(tmp_path, capsys):
 
     main(["evaluate", *common, "--plot-windows", "0"])
     evaluated = json.loads((out / "metrics_test.json").read_text())
-    assert evaluated["metrics"]["model"]["ade_ft"] == pytest.approx(metrics["test"]["model"]["ade_ft"])
+    ade = evaluated["metrics"]["model"]["ade_ft"]
+    assert ade == pytest.approx(metrics["test"]["model"]["ade_ft"])
 
     windows, ids, _, _ = S.make_windows(3, seed=11)
     folder = S.write_csv_folder(tmp_path / "in", windows, ids)

@@ -40,7 +40,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                         f"{D.SHARED_DATA_DIR} when it exists)")
     g.add_argument("--synthetic", type=int, default=0, metavar="N",
                    help="use N generated windows instead of a data folder")
-    g.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
+    g.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="output folder (default: %(default)s)")
     g.add_argument("--cache-dir", type=Path, default=None,
                    help="where the parsed folder is cached as .npz (default: OUT/cache)")
     g.add_argument("--no-cache", action="store_true", help="always parse the CSV files")
@@ -69,7 +70,8 @@ def _training(p: argparse.ArgumentParser) -> None:
                         "boundary chain, which is always skipped)")
     g.add_argument("--keep-jumps", action="store_true",
                    help="keep windows that jump to another vehicle (default: drop them)")
-    g.add_argument("--max-train-windows", type=int, default=0, help="cap the training block (0: all)")
+    g.add_argument("--max-train-windows", type=int, default=0,
+                   help="cap the training block (0: all)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/<lstm>.pt")
 
 
@@ -93,13 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint against the physics baselines")
     _common(p)
-    p.add_argument("--checkpoint", type=Path, default=None, help="default: OUT/checkpoints/<lstm>.pt")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="default: OUT/checkpoints/<lstm>.pt")
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
     p.add_argument("--plot-windows", type=int, default=6)
 
     p = sub.add_parser("predict", help="forecast from CSV windows of 62 or 67 rows")
     _common(p)
-    p.add_argument("--checkpoint", type=Path, default=None, help="default: OUT/checkpoints/<lstm>.pt")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="default: OUT/checkpoints/<lstm>.pt")
     p.add_argument("--input", type=Path, required=True, help="a CSV file or a folder of CSV files")
     p.add_argument("--output", type=Path, default=None, help="default: OUT/predictions.csv")
     return parser
@@ -139,7 +143,8 @@ def load_windows(args) -> D.WindowSet:
     if args.synthetic:
         from .synthetic import make_windows
 
-        windows, ids, _, _ = make_windows(args.synthetic, seed=args.seed, n_jumps=args.synthetic // 200)
+        n = args.synthetic
+        windows, ids, _, _ = make_windows(n, seed=args.seed, n_jumps=n // 200)
         return D.WindowSet(windows, ids, f"synthetic:{args.synthetic}:seed={args.seed}")
     folder = args.data_dir or D.default_data_dir()
     if folder is None:
@@ -235,7 +240,8 @@ def _print_summary(s: dict) -> None:
     )
     for name in ("train", "val", "test"):
         b = s[name]
-        print(f"  {name:5s} {b['windows']:6d} windows, file ids {b['file_id_min']}..{b['file_id_max']}")
+        ids = f"{b['file_id_min']}..{b['file_id_max']}"
+        print(f"  {name:5s} {b['windows']:6d} windows, file ids {ids}")
 
 
 def cmd_evaluate(args) -> dict:
@@ -359,7 +365,10 @@ def cmd_predict(args) -> Path:
     model, scaler, target_scale = T.model_from_checkpoint(state, device)
 
     src = args.input
-    files = sorted(p for p in src.iterdir() if p.suffix.lower() == ".csv") if src.is_dir() else [src]
+    if src.is_dir():
+        files = sorted(p for p in src.iterdir() if p.suffix.lower() == ".csv")
+    else:
+        files = [src]
     if not files:
         raise SystemExit(f"{src}: no .csv files")
     windows = [D.read_window_csv(p, rows=(D.HISTORY_STEPS, D.WINDOW_STEPS)) for p in files]

@@ -212,7 +212,8 @@ def find_jumps(windows: np.ndarray, limits: JumpLimits = JumpLimits()) -> np.nda
     """Flag windows that jump to another vehicle. windows (F, W, C) -> bool (F,)."""
     step_x = np.diff(windows[:, :, COL["Local_X"]], axis=1)
     step_y = np.diff(windows[:, :, COL["Local_Y"]], axis=1)
-    bad = (np.abs(step_x) > limits.lateral) | (step_y > limits.forward) | (step_y < -limits.backward)
+    sideways = np.abs(step_x) > limits.lateral
+    bad = sideways | (step_y > limits.forward) | (step_y < -limits.backward)
     return bad.any(axis=1)
 
 
@@ -264,7 +265,9 @@ def split_blocks(
     files in two blocks; the skipped rows go to ``dropped``. Deterministic: no randomness.
     """
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
+        raise ValueError(
+            f"fractions must be three non-negative numbers summing to 1, got {fractions}"
+        )
     n = len(chains)
     starts = np.flatnonzero(np.concatenate([[True], chains[1:] != chains[:-1]]))
 

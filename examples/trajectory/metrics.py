@@ -42,7 +42,9 @@ def displacement_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float
     RMSEs pool all K steps.
     """
     if pred.shape != truth.shape or pred.ndim != 3 or pred.shape[-1] != 2:
-        raise ValueError(f"pred and truth must both be (F, K, 2), got {pred.shape} and {truth.shape}")
+        raise ValueError(
+            f"pred and truth must both be (F, K, 2), got {pred.shape} and {truth.shape}"
+        )
     err = pred - truth
     dist = np.sqrt((err**2).sum(-1))
     return {

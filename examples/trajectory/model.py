@@ -17,7 +17,10 @@ def handlstm_unavailable_reason() -> str | None:
     try:
         import handlstm_cuda
     except Exception as exc:  # an unbuilt extension can fail with more than ImportError
-        return f"import handlstm_cuda failed ({type(exc).__name__}: {exc}); build it with `make build`"
+        return (
+            f"import handlstm_cuda failed ({type(exc).__name__}: {exc}); "
+            "build it with `make build`"
+        )
     if not hasattr(handlstm_cuda, "LSTM"):
         return "handlstm_cuda has no LSTM class yet"
     return None

@@ -58,7 +58,8 @@ def _simulate(n_chains: int, steps: int, rng: np.random.Generator, lane_change_r
     lc_progress = np.ones(n_chains)
     lc_duration = 4.0  # s
 
-    out = {k: np.zeros((n_chains, steps)) for k in ("x", "y", "v", "a", "gap", "lead", "l", "r", "dl", "dr")}
+    keys = ("x", "y", "v", "a", "gap", "l", "r", "dl", "dr")
+    out = {k: np.zeros((n_chains, steps)) for k in keys}
     for t in range(steps):
         # Leader: speed relaxes towards a wandering target; occasionally it brakes hard.
         lead_target += rng.normal(0.0, 0.6, n_chains)
@@ -102,7 +103,6 @@ def _simulate(n_chains: int, steps: int, rng: np.random.Generator, lane_change_r
 
         out["x"][:, t], out["y"][:, t], out["v"][:, t], out["a"][:, t] = x, y, v, acc
         out["gap"][:, t] = np.where(has_leader, np.maximum(gap, 1.0), NO_HEADWAY)
-        out["lead"][:, t] = has_leader
         out["l"][:, t], out["r"][:, t] = side["l"], side["r"]
         out["dl"][:, t] = np.where(side["l"], side_dist["l"], NO_NEIGHBOUR)
         out["dr"][:, t] = np.where(side["r"], side_dist["r"], NO_NEIGHBOUR)
@@ -177,5 +177,7 @@ def write_csv_folder(folder: str | os.PathLike, windows: np.ndarray, file_ids: n
     folder.mkdir(parents=True, exist_ok=True)
     header = ",".join(COLUMNS)
     for win, fid in zip(windows, file_ids):
-        np.savetxt(folder / f"{fid}.csv", win, delimiter=",", header=header, comments="", fmt="%.6f")
+        np.savetxt(
+            folder / f"{fid}.csv", win, delimiter=",", header=header, comments="", fmt="%.6f"
+        )
     return folder

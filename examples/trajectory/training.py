@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,12 +67,6 @@ class Prepared:
     scaler: D.Standardizer
     target_scale: np.ndarray  # (2,) ft per unit of model output, per coordinate
     summary: dict = field(default_factory=dict)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _split_arrays(windows: np.ndarray, file_ids: np.ndarray, scaler: D.Standardizer) -> SplitArrays:
@@ -243,7 +236,9 @@ def train(
     if resume and ckpt is not None and Path(ckpt).is_file():
         old = load_checkpoint(ckpt)
         if old["lstm"] != lstm or old["config"]["hidden"] != cfg.hidden:
-            raise ValueError(f"{ckpt} was trained with a different model; remove it or drop --resume")
+            raise ValueError(
+                f"{ckpt} was trained with a different model; remove it or drop --resume"
+            )
         model.load_state_dict(old["model"])
         opt.load_state_dict(old["optimizer"])
         for k in ("epoch", "history", "best_val", "best_epoch", "best_model"):
@@ -290,7 +285,9 @@ def train(
         )
         if val < state["best_val"]:
             state["best_val"], state["best_epoch"] = val, epoch + 1
-            state["best_model"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            state["best_model"] = {
+                k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+            }
         state["epoch"] = epoch + 1
         state["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         state["optimizer"] = opt.state_dict()
