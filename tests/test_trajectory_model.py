@@ -5,6 +5,8 @@ extension provides it.
 """
 
 import json
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -138,6 +140,10 @@ def test_training_is_reproducible_and_resumable(tiny_prep, tmp_path):
     for k, v in full["model"].items():
         torch.testing.assert_close(resumed["model"][k], v, rtol=0, atol=0)
 
+    other = T.TrainConfig(**{**TINY, "epochs": 3, "hidden": 8})
+    with pytest.raises(ValueError, match=r"differing settings: \['hidden'\]"):
+        T.train(tiny_prep, other, "torch", cpu, ckpt=tmp_path / "a.pt", resume=True, **quiet)
+
     saved = T.load_checkpoint(tmp_path / "a.pt")
     model, scaler, scale = T.model_from_checkpoint(saved, cpu)
     np.testing.assert_allclose(scaler.mean, tiny_prep.scaler.mean)
@@ -210,3 +216,25 @@ def test_cli_without_data_folder_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "default_data_dir", lambda: None)
     with pytest.raises(SystemExit, match="--synthetic"):
         main(["train", "--out", str(tmp_path), "--quiet", "--lstm", "torch"])
+
+
+def test_cli_run_compares_both_lstms(tmp_path, monkeypatch):
+    # A stand-in module so the comparison path is exercised whether or not the extension is
+    # built; the real handlstm_cuda.LSTM is covered by the needs_handlstm tests above.
+    fake = types.ModuleType("handlstm_cuda")
+
+    class StandInLSTM(torch.nn.LSTM):
+        pass
+
+    fake.LSTM = StandInLSTM
+    monkeypatch.setitem(sys.modules, "handlstm_cuda", fake)
+    out = tmp_path / "cmp"
+    report = main(["run", "--synthetic", "240", "--out", str(out), "--quiet", "--threads", "1",
+                   "--epochs", "2", "--hidden", "8", "--head", "8", "--plot-windows", "0"])
+    assert report["lstm"] == "handlstm"
+    c = report["comparison"]
+    assert c["best_val_loss_handlstm"] == pytest.approx(c["best_val_loss_torch"], rel=1e-6)
+    assert c["speedup_per_epoch"] > 0
+    assert set(report["training"]) == {"handlstm", "torch"}
+    for name in ("handlstm.pt", "torch.pt"):
+        assert (out / "checkpoints" / name).is_file()

@@ -235,13 +235,19 @@ def train(
     }
     if resume and ckpt is not None and Path(ckpt).is_file():
         old = load_checkpoint(ckpt)
-        if old["lstm"] != lstm or old["config"]["hidden"] != cfg.hidden:
+        # Everything but the epoch count must match; more epochs extend the run (the cosine
+        # schedule then follows the new length from the resumed epoch on).
+        differ = [
+            k for k, v in state["config"].items() if k != "epochs" and old["config"].get(k) != v
+        ]
+        if old["lstm"] != lstm or differ:
             raise ValueError(
-                f"{ckpt} was trained with a different model; remove it or drop --resume"
+                f"{ckpt} was trained with another setup (lstm {old['lstm']}, differing "
+                f"settings: {differ or 'none'}); remove it or drop --resume"
             )
         model.load_state_dict(old["model"])
         opt.load_state_dict(old["optimizer"])
-        for k in ("epoch", "history", "best_val", "best_epoch", "best_model"):
+        for k in ("epoch", "history", "best_val", "best_epoch", "best_model", "model", "optimizer"):
             state[k] = old[k]
         log(f"[{lstm}] resuming from {ckpt} after epoch {state['epoch']}")
 
