@@ -28,7 +28,7 @@ import torch
 from . import env, impls, report
 from .cases import MODES, PRESETS
 from .data import REPO_ROOT, make_input_sets
-from .timing import peak_cuda_bytes, peak_rss_bytes, time_cpu, time_cuda
+from .timing import time_cpu, time_cuda
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -253,13 +253,13 @@ class Runner:
             if on_cuda:
                 stats = time_cuda(steps, clears, self.preset.timing, self.remaining())
             else:
-                stats = time_cpu(steps, self.preset.timing, self.args.threads, self.remaining())
+                stats = time_cpu(steps, clears, self.preset.timing, self.args.threads,
+                                 self.remaining())
         except Exception as e:
             for name in built:
                 self.row(setting, case, source, mode, name, backends[name], "error: " + _short(e))
             return
         for name in built:
-            peak = (peak_cuda_bytes if on_cuda else peak_rss_bytes)(steps[name], clears[name])
             st = stats[name]
             # A point whose err_vs_torch is over its limit is timed all the same; main()
             # prints a warning naming it.
@@ -270,7 +270,7 @@ class Runner:
                 p75_ms=st.p75 * 1e3,
                 reps=st.reps,
                 us_per_step=st.median * 1e6 / case.T,
-                peak_mb=peak / 2**20,
+                peak_mb=st.peak_bytes / 2**20,
                 err_vs_torch=errors.get(name, math.nan),
             )
 
@@ -423,10 +423,12 @@ def main(argv=None):
         )
     else:
         timing_desc = (
-            f"torch.utils.benchmark Timer, block size from blocked_autorange (its samples "
-            f"dropped as warm-up); then alternating rounds of one block per implementation until "
-            f">= {t.cpu_min_reps} blocks and {t.cpu_min_run_time}s each; median of per-call "
-            f"block means; {args.sets} input sets rotated; grads set to None inside each call"
+            f"torch.utils.benchmark Timer; per implementation one probe call (warm-up and peak "
+            f"RSS), block size from blocked_autorange for calls under 50 ms (samples dropped); "
+            f"then alternating rounds of one block per implementation until >= "
+            f"{t.cpu_min_reps} blocks and {t.cpu_min_run_time}s each (at least 3 rounds once "
+            f"a point passes {t.cpu_max_time}s); median of per-call block means; {args.sets} "
+            f"input sets rotated; grads set to None inside each call"
         )
     meta = env.collect(args, device, settings, hl, runner.baselines, timing_desc,
                        runner.data_sources)

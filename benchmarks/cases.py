@@ -51,6 +51,7 @@ class Timing:
 
     cpu_min_run_time: float  # seconds of timed calls per implementation, at least
     cpu_min_reps: int  # timed blocks (samples) per implementation, at least
+    cpu_max_time: float  # seconds per point (all implementations); still at least 3 rounds
     cuda_warmup: float  # seconds of untimed calls before the timed ones (at least 3 calls)
     cuda_target: float  # seconds of timed calls, bounded by the two counts below
     cuda_min_reps: int
@@ -91,7 +92,7 @@ PRESETS = {
         cases=(SEED,)
         + tuple(Case("latency", T=10, N=N, I=H, H=H) for N in (1, 4) for H in (8, 16))
         + (Case("stacked", T=6, N=4, I=12, H=16, layers=3, bidirectional=True),),
-        timing=Timing(0.005, 3, 0.01, 0.01, 5, 50),
+        timing=Timing(0.005, 3, 5.0, 0.01, 0.01, 5, 50),
     ),
     "quick": Preset(
         "quick",
@@ -99,13 +100,13 @@ PRESETS = {
         cases=(SEED, FASTRNNS)
         + (Case("latency", T=100, N=1, I=256, H=256), Case("latency", T=100, N=32, I=256, H=256))
         + (stacked(64),),
-        timing=Timing(0.2, 5, 0.05, 0.1, 10, 200),
+        timing=Timing(0.2, 5, 15.0, 0.03, 0.05, 10, 200),
     ),
     "default": Preset(
         "default",
         "targets, small-batch latency at T=100, large batch at H=512, stacked H=256",
         cases=(SEED, FASTRNNS) + latency((100,)) + large_batch((512,)) + (stacked(256),),
-        timing=Timing(0.4, 5, 0.1, 0.25, 20, 500),
+        timing=Timing(0.4, 5, 20.0, 0.05, 0.1, 20, 300),
         cuda_extra=large_batch((1024,)) + latency((1000,)),
     ),
     "full": Preset(
@@ -115,6 +116,6 @@ PRESETS = {
         + latency((100, 1000))
         + large_batch((512, 1024))
         + (stacked(256), stacked(512)),
-        timing=Timing(1.0, 10, 0.2, 0.5, 50, 1000),
+        timing=Timing(1.0, 10, 60.0, 0.1, 0.3, 50, 1000),
     ),
 }

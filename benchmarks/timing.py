@@ -25,6 +25,7 @@ class Stats:
     p25: float
     p75: float
     reps: int  # timed calls
+    peak_bytes: float = math.nan  # peak memory of one call (see peak_cuda_bytes / peak_rss_bytes)
 
 
 def _median_iqr(times):
@@ -34,23 +35,37 @@ def _median_iqr(times):
     return med.item(), p25.item(), p75.item()
 
 
-def time_cpu(steps, timing, threads, max_seconds=None):
+def time_cpu(steps, clears, timing, threads, max_seconds=None):
     """{name: Stats} of per-call CPU times of each step() in `steps`, timed interleaved.
 
-    Each implementation first gets torch.utils.benchmark's blocked_autorange for a quarter of
-    min_run_time: that warms it up and sizes its block (enough calls that the timer's own
-    overhead vanishes); those samples are dropped. Then rounds time one block of every
-    implementation in turn, order reversed every other round, until each has min_run_time
-    of samples and at least cpu_min_reps blocks. Interleaving makes other load on the
-    machine fall on all implementations alike.
+    Each implementation first makes one untimed probe call (a warm-up, and the call whose
+    peak RSS growth is reported). Calls under 50 ms then get torch.utils.benchmark's
+    blocked_autorange for a quarter of min_run_time, to size a block of calls long enough that
+    the timer's own overhead vanishes; those samples are dropped too. Then rounds time one
+    block of every implementation in turn, order reversed every other round, until each has
+    cpu_min_run_time of samples and at least cpu_min_reps blocks, or (after 3 rounds) the
+    point has used cpu_max_time. Interleaving makes other load on the machine fall on all
+    implementations alike.
     """
-    timers, numbers, times, spent = {}, {}, {}, 0.0
+    timers, numbers, times, peaks = {}, {}, {}, {}
+    start = time.perf_counter()
     for name, step in steps.items():
-        timers[name] = tbench.Timer(stmt="step()", globals={"step": step}, num_threads=threads)
-        warm = timers[name].blocked_autorange(min_run_time=timing.cpu_min_run_time / 4)
-        numbers[name] = warm.number_per_run
+        timer = timers[name] = tbench.Timer(
+            stmt="step()", globals={"step": step}, num_threads=threads
+        )
+        probe = {}
+
+        def call(timer=timer, probe=probe):
+            probe["seconds"] = timer._timeit(1)
+
+        with tbench.utils.common.set_torch_threads(threads):
+            peaks[name] = peak_rss_bytes(call, clears[name])
+        if probe["seconds"] >= 0.05:
+            numbers[name] = 1
+        else:
+            warm = timer.blocked_autorange(min_run_time=timing.cpu_min_run_time / 4)
+            numbers[name] = warm.number_per_run
         times[name] = []
-        spent += sum(warm.times) * warm.number_per_run
 
     names = list(steps)
     rounds = 0
@@ -58,16 +73,19 @@ def time_cpu(steps, timing, threads, max_seconds=None):
         while rounds < timing.cpu_min_reps or any(
             sum(times[n]) * numbers[n] < timing.cpu_min_run_time for n in names
         ):
-            if max_seconds is not None and spent > max_seconds and rounds >= 1:
+            spent = time.perf_counter() - start
+            if rounds >= 1 and max_seconds is not None and spent > max_seconds:
+                break
+            if rounds >= 3 and spent > timing.cpu_max_time:
                 break
             for name in names if rounds % 2 == 0 else reversed(names):
                 # The Timer's block timer; Timer.timeit() would add two untimed calls.
                 total = timers[name]._timeit(numbers[name])
                 times[name].append(total / numbers[name])
-                spent += total
             rounds += 1
     return {
-        n: Stats(*_median_iqr(times[n]), reps=len(times[n]) * numbers[n]) for n in names
+        n: Stats(*_median_iqr(times[n]), reps=len(times[n]) * numbers[n], peak_bytes=peaks[n])
+        for n in names
     }
 
 
@@ -106,7 +124,8 @@ def time_cuda(steps, clears, timing, max_seconds=None):
     out = {}
     for name in names:
         times = [begin.elapsed_time(end) / 1e3 for begin, end in events[name]]
-        out[name] = Stats(*_median_iqr(times), reps=reps)
+        peak = peak_cuda_bytes(steps[name], clears[name])
+        out[name] = Stats(*_median_iqr(times), reps=reps, peak_bytes=peak)
     return out
 
 
@@ -144,21 +163,27 @@ def _malloc_trim():
 
 
 def peak_rss_bytes(step, clear):
-    """Peak resident-set growth during one call (Linux), or NaN where it cannot be read.
+    """Run step() once; return its peak resident-set growth (Linux), or NaN where it cannot
+    be read.
 
     Free heap memory is first handed back to the OS (malloc_trim) and the kernel's high-water
     mark is reset (/proc/self/clear_refs, "5"), so memory the call reuses from earlier calls
     still shows. It counts every allocation (ATen, oneDNN scratch, Python), so it is an upper
     bound on what the op itself needs; page granularity makes tiny cases read as 0 or 4 KiB.
     """
+    clear()
+    gc.collect()
+    _malloc_trim()
     try:
-        clear()
-        gc.collect()
-        _malloc_trim()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         before = _status_kib("VmRSS")
-        step()
+    except (OSError, KeyError):
+        before = None
+    step()
+    if before is None:
+        return math.nan
+    try:
         peak = _status_kib("VmHWM")
     except (OSError, KeyError):
         return math.nan

@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# One command for a lent GPU machine (H200: 16 cores, torch + CUDA 13 + nvcc, no network):
+#
+#   bash benchmarks/gpu_check.sh [OUTDIR]      # OUTDIR defaults to $OUT, else benchmarks/out/gpu-check
+#
+# 1. build the extension in place for sm_90     4. compute-sanitizer memcheck, then racecheck,
+# 2. the CUDA tests (pytest -m cuda)               on a small forward + backward
+# 3. the benchmark (default preset, all dtypes,  5. a summary, and the ratio table printed last
+#    both TF32 settings)
+#
+# Every step has a time cap and the whole run a deadline (GPU_CHECK_BUDGET seconds, default 450),
+# so it ends in under 8 minutes; a step that fails or times out is reported and the next one
+# still runs. If the build fails, the benchmark times the baselines alone.
+#
+# What lands in OUTDIR (five files, so all of them come back from a lent machine):
+#   check.log  every step's command, output, exit status and duration (also nvidia-smi, versions)
+#   bench.txt  the benchmark's terminal output (the ratio table and the targets)
+#   bench.csv  bench.md  bench.png  the benchmark's results (see benchmarks/README.md)
+#
+# Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default
+# 16), GPU_CHECK_BUDGET, BENCH_ARGS (extra arguments for the benchmark, e.g. "--quick").
+
+set -u -o pipefail
+cd "$(dirname "$0")/.." || exit 1
+
+OUTDIR=${1:-${OUT:-benchmarks/out/gpu-check}}
+mkdir -p "$OUTDIR" || exit 1
+OUTDIR=$(cd "$OUTDIR" && pwd)
+PY=${PYTHON:-python3}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-16}
+export PYTHONUNBUFFERED=1
+LOG=$OUTDIR/check.log
+START=$(date +%s)
+DEADLINE=$((START + ${GPU_CHECK_BUDGET:-450}))
+SUMMARY=()
+: >"$LOG"
+
+left() { echo $((DEADLINE - $(date +%s))); }
+
+# step NAME CAP_SECONDS CMD...: run CMD with its output appended to the log, under
+# min(CAP, time left before the deadline); record its status for the summary.
+step() {
+    local name=$1 cap=$2 t rc t0
+    shift 2
+    t=$(left)
+    ((t > cap)) && t=$cap
+    if ((t < 15)); then
+        SUMMARY+=("$(printf '%-10s skipped (deadline)' "$name")")
+        echo "=== $name: skipped, $(left)s left before the deadline" >>"$LOG"
+        return 124
+    fi
+    echo "=== $name (cap ${t}s): $*" >>"$LOG"
+    t0=$(date +%s)
+    # bash -c so that CMD may be one of the functions below (exported with export -f).
+    timeout -k 10 "$t" bash -c '"$@"' _ "$@" >>"$LOG" 2>&1
+    rc=$?
+    local verdict="ok"
+    ((rc == 124 || rc == 137)) && verdict="TIMED OUT"
+    ((rc != 0 && rc != 124 && rc != 137)) && verdict="FAILED (exit $rc)"
+    echo "=== $name: exit $rc after $(($(date +%s) - t0))s" >>"$LOG"
+    SUMMARY+=("$(printf '%-10s %-18s %4ss' "$name" "$verdict" $(($(date +%s) - t0)))")
+    return "$rc"
+}
+
+env_info() {
+    date -Is
+    nvidia-smi || true
+    command -v nvcc && nvcc --version | tail -2
+    "$PY" - <<'EOF'
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda,
+      "cudnn", torch.backends.cudnn.version(), "gpu", torch.cuda.is_available()
+      and torch.cuda.get_device_name())
+EOF
+    echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS nproc=$(nproc)"
+}
+
+built_for_sm90() {
+    local so
+    so=$(ls handlstm_cuda/_C*.so 2>/dev/null | head -1)
+    [[ -n $so ]] || { echo "no handlstm_cuda/_C*.so"; return 1; }
+    "$PY" -c "import handlstm_cuda as h, sys; print('has_cuda_kernels', h.has_cuda_kernels());
+sys.exit(0 if h.has_cuda_kernels() else 1)" || return 1
+    if command -v cuobjdump >/dev/null; then
+        cuobjdump --list-elf "$so" | sed 's/^/  /'
+        cuobjdump --list-elf "$so" | grep -q sm_90
+    fi
+}
+
+run_tests() {
+    "$PY" -m pytest tests -m cuda -q -x -p no:cacheprovider
+    local rc=$?
+    ((rc == 5)) && { echo "no tests carry the cuda marker"; return 0; }
+    return "$rc"
+}
+
+sanitize() {
+    local tool=$1 cs
+    cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool "$tool" --error-exitcode 3 --print-limit 30 \
+        --target-processes all "$PY" -m benchmarks.sanitize_case
+}
+
+bench() {
+    local impls=$1 t
+    set -o pipefail
+    t=$(($(left) - 150)) # keep time for the sanitizers after the benchmark
+    ((t > 210)) && t=210
+    ((t < 60)) && t=60
+    # --budget stops starting new points; the cap below is the hard stop.
+    # shellcheck disable=SC2086
+    "$PY" -m benchmarks.bench --device cuda --impls "$impls" --budget $((t - 30)) \
+        --no-progress --out "$OUTDIR" ${BENCH_ARGS:-} | tee "$OUTDIR/bench.txt"
+}
+
+export PY OUTDIR DEADLINE
+export -f left env_info built_for_sm90 run_tests sanitize bench
+
+step env 30 env_info
+if step build 240 "$PY" setup.py build_ext --inplace && step sm_90 30 built_for_sm90; then
+    step tests 90 run_tests
+    step bench 210 bench ours,torch,reference
+    step memcheck 75 sanitize memcheck
+    step racecheck 75 sanitize racecheck
+else
+    echo "=== the build failed: timing the baselines only" >>"$LOG"
+    step bench 210 bench torch,reference
+fi
+
+{
+    echo
+    echo "gpu_check: $(($(date +%s) - START))s in all; logs and results in $OUTDIR"
+    printf '  %s\n' "${SUMMARY[@]}"
+} | tee -a "$LOG"
+# The ratio table last: the end of the output is what a lent machine's reply shows.
+if [[ -s $OUTDIR/bench.txt ]]; then
+    echo
+    cat "$OUTDIR/bench.txt"
+else
+    echo "no benchmark output; see $LOG"
+    tail -40 "$LOG"
+fi
