@@ -1,0 +1,46 @@
+"""Shared markers, fixtures and helpers for the test suite.
+
+Shape vocabulary: T time, N batch, I input, H hidden, G = 4H, P projection size.
+No CUDA query runs at import time; the `cuda` marker is resolved per test.
+"""
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible)")
+    have_gpu = None
+    for item in items:
+        if "cuda" in item.keywords:
+            if have_gpu is None:
+                have_gpu = torch.cuda.is_available()
+            if not have_gpu:
+                item.add_marker(skip)
+
+
+def device_params():
+    """cpu always, cuda as a marked parameter (skipped without a GPU)."""
+    return [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
+
+
+def make_args(T, N, I, H, P=0, *, bias=True, dtype=torch.float64, device="cpu", seed=0,
+              requires_grad=True, scale=0.5):
+    """Random (input, h0, c0, weight_ih, weight_hh, bias, weight_hr) for the op."""
+    g = torch.Generator().manual_seed(seed)
+    Hout = P or H
+
+    def r(*shape):
+        t = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype=dtype,
+                                                                               device=device)
+        return t.requires_grad_(requires_grad)
+
+    return (r(T, N, I), r(N, Hout), r(N, H), r(4 * H, I), r(4 * H, Hout),
+            r(4 * H) if bias else None, r(P, H) if P else None)
+
+
+def packed_batch_sizes(lengths):
+    """batch_sizes (T,) of a PackedSequence with these lengths (sorted descending inside)."""
+    lengths = sorted(lengths, reverse=True)
+    return torch.tensor([sum(l > t for l in lengths) for t in range(lengths[0])],
+                        dtype=torch.int64)

@@ -1,0 +1,318 @@
+"""The fused op `handlstm_cuda.lstm`: gradients, parity with nn.LSTM and the reference, errors.
+
+Shape vocabulary: T time, N batch, I input, H hidden, G = 4H, P projection size.
+"""
+
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+import handlstm_cuda as hl
+from handlstm_cuda import reference
+from conftest import device_params, make_args, packed_batch_sizes
+
+# (T, N, I, H, P): the awkward ones first. H=33 is not a multiple of 8 (the CPU SIMD width) or
+# 32 (a warp), so the vector loops' scalar tails and partial warps are exercised.
+SHAPES = [
+    pytest.param((3, 2, 4, 5, 0), id="T3-N2-I4-H5"),
+    pytest.param((1, 2, 3, 4, 0), id="T1"),
+    pytest.param((3, 1, 2, 3, 0), id="N1"),
+    pytest.param((2, 2, 3, 1, 0), id="H1"),
+    pytest.param((2, 2, 3, 33, 0), id="H33"),
+    pytest.param((4, 3, 9, 2, 0), id="I9-H2"),
+    pytest.param((3, 2, 4, 5, 3), id="proj-P3"),
+]
+
+
+def _call(args, *, given_state=True, **kw):
+    x, h0, c0, w_ih, w_hh, b, w_hr = args
+    if not given_state:
+        h0 = c0 = None
+    return hl.lstm(x, h0, c0, w_ih, w_hh, b, weight_hr=w_hr, **kw)
+
+
+def _diff_inputs(args, given_state=True):
+    x, h0, c0, w_ih, w_hh, b, w_hr = args
+    cand = [x, h0, c0, w_ih, w_hh, b, w_hr] if given_state else [x, w_ih, w_hh, b, w_hr]
+    return [t for t in cand if t is not None]
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("given_state", [True, False], ids=["h0c0", "zero-state"])
+def test_gradcheck_float64(device, shape, bias, given_state):
+    T, N, I, H, P = shape
+    args = make_args(T, N, I, H, P, bias=bias, device=device)
+    x, h0, c0, w_ih, w_hh, b, w_hr = args
+
+    def f(*inputs):
+        it = iter(inputs)
+        full = [next(it) if (t is not None and (given_state or k not in (1, 2))) else None
+                for k, t in enumerate(args)]
+        if not given_state:
+            full[1] = full[2] = None
+        return _call(tuple(full), given_state=given_state)
+
+    assert torch.autograd.gradcheck(f, _diff_inputs(args, given_state), fast_mode=(H > 8))
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("P", [0, 2], ids=["noproj", "proj"])
+def test_gradcheck_packed(device, reverse, P):
+    lengths = [4, 4, 2, 1]
+    args = make_args(4, 4, 3, 3, P, device=device)
+    bs = packed_batch_sizes(lengths)
+
+    def f(*inputs):
+        full = list(inputs) + [None] * (7 - len(inputs))
+        return _call(tuple(full), batch_sizes=bs, reverse=reverse)
+
+    assert torch.autograd.gradcheck(f, _diff_inputs(args))
+
+
+def _nn_lstm_like(args, dtype, device):
+    x, h0, c0, w_ih, w_hh, b, w_hr = args
+    H = w_ih.shape[0] // 4
+    P = 0 if w_hr is None else w_hr.shape[0]
+    m = torch.nn.LSTM(x.shape[2], H, bias=b is not None, proj_size=P, dtype=dtype, device=device)
+    with torch.no_grad():
+        m.weight_ih_l0.copy_(w_ih)
+        m.weight_hh_l0.copy_(w_hh)
+        if b is not None:
+            # nn.LSTM adds its two biases; splitting ours into (b, 0) gives the same sum.
+            m.bias_ih_l0.copy_(b)
+            m.bias_hh_l0.zero_()
+        if w_hr is not None:
+            m.weight_hr_l0.copy_(w_hr)
+    return m
+
+
+def _ours_and_nn(args, dtype, device, seed=11):
+    """(values, grads) of our op and of nn.LSTM with the same weights, for the same random
+    output gradients; values are (output, h_n, c_n), grads follow _diff_inputs order (the bias
+    gradient taken from nn.LSTM's bias_ih, after checking bias_hh got the same)."""
+    x, h0, c0, w_ih, w_hh, b, w_hr = args
+    m = _nn_lstm_like(args, dtype, device)
+    ours = _call(args)
+    x2 = x.detach().clone().requires_grad_()
+    h02 = h0.detach().clone().unsqueeze(0).requires_grad_()
+    c02 = c0.detach().clone().unsqueeze(0).requires_grad_()
+    out2, (h_n2, c_n2) = m(x2, (h02, c02))
+    theirs = (out2, h_n2[0], c_n2[0])
+    gen = torch.Generator().manual_seed(seed)
+    g = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t) for t in ours]
+    our_grads = torch.autograd.grad(ours, _diff_inputs(args), g)
+    nn_inputs = [x2, h02, c02, m.weight_ih_l0, m.weight_hh_l0]
+    nn_inputs += [m.bias_ih_l0, m.bias_hh_l0] if b is not None else []
+    nn_inputs += [m.weight_hr_l0] if w_hr is not None else []
+    nn_grads = list(torch.autograd.grad(theirs, nn_inputs, g))
+    nn_grads[1], nn_grads[2] = nn_grads[1][0], nn_grads[2][0]
+    if b is not None:
+        # nn.LSTM's two biases receive the same gradient (up to its own summation order).
+        torch.testing.assert_close(nn_grads[5], nn_grads[6])
+        del nn_grads[6]
+    return list(ours) + list(our_grads), list(theirs) + nn_grads
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", [(5, 3, 4, 7, 0), (1, 1, 1, 1, 0), (6, 4, 3, 33, 0),
+                                   (4, 2, 5, 8, 3), (62, 8, 12, 64, 0)],
+                         ids=["small", "T1N1H1", "H33", "proj", "seed-like"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_parity_with_nn_lstm(device, dtype, shape, bias):
+    """Output, h_n, c_n and the gradient of every input and parameter equal nn.LSTM's.
+
+    float64: both sides compute the same sums in a different order; 1e-10 leaves five orders
+    of magnitude above the ~1e-15 rounding seen. float32: the recurrence amplifies rounding
+    (gradients reach O(100) on the seed-like shape), so a fixed tolerance against nn.LSTM
+    would be arbitrary. Instead both are measured against float64 and our error must stay
+    within 2x nn.LSTM's own float32 error (plus 1e-6 relative, for entries both get exact)."""
+    if device == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    T, N, I, H, P = shape
+    args = make_args(T, N, I, H, P, bias=bias, dtype=dtype, device=device)
+    ours, theirs = _ours_and_nn(args, dtype, device)
+    assert len(ours) == len(theirs)
+    if dtype == torch.float64:
+        for a, e in zip(ours, theirs):
+            torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10)
+        return
+    args64 = tuple(None if t is None else t.detach().double().requires_grad_() for t in args)
+    exact, _ = _ours_and_nn(args64, torch.float64, device)
+    for k, (a, n, e) in enumerate(zip(ours, theirs, exact)):
+        err_ours = (a.double() - e).abs().max().item()
+        err_nn = (n.double() - e).abs().max().item()
+        scale = e.abs().max().item()
+        assert err_ours <= 2 * err_nn + 1e-6 * scale, (k, err_ours, err_nn, scale)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("case", [
+    dict(shape=(5, 3, 4, 7, 0)),
+    dict(shape=(5, 3, 4, 7, 0), reverse=True),
+    dict(shape=(6, 5, 3, 9, 4), lengths=[6, 5, 5, 2, 1]),
+    dict(shape=(6, 5, 3, 9, 4), lengths=[6, 5, 5, 2, 1], reverse=True),
+    dict(shape=(6, 5, 3, 16, 0), lengths=[6, 6, 3, 3, 1], reverse=True),
+    dict(shape=(3, 4, 3, 5, 0), lengths=[3, 1, 1, 1]),
+], ids=["plain", "reverse", "packed-proj", "packed-proj-reverse", "packed-H16-reverse",
+        "packed-short"])
+def test_parity_with_reference_float64(device, case):
+    T, N, I, H, P = case["shape"]
+    args = make_args(T, N, I, H, P, device=device, seed=3)
+    kw = dict(reverse=case.get("reverse", False))
+    if "lengths" in case:
+        kw["batch_sizes"] = packed_batch_sizes(case["lengths"])
+    x, h0, c0, w_ih, w_hh, b, w_hr = args
+    ours = _call(args, **kw)
+    ref = reference.lstm(x, h0, c0, w_ih, w_hh, b, weight_hr=w_hr, **kw)
+    for a, e in zip(ours, ref):
+        torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-12)
+    g = [torch.randn_like(t) for t in ours]
+    for a, e in zip(torch.autograd.grad(ours, _diff_inputs(args), g),
+                    torch.autograd.grad(ref, _diff_inputs(args), g)):
+        torch.testing.assert_close(a, e, atol=1e-11, rtol=1e-11)
+
+
+@pytest.mark.parametrize("device,dtype", [
+    pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
+    pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=pytest.mark.cuda),
+    pytest.param("cuda", torch.float16, id="cuda-f16", marks=pytest.mark.cuda),
+])
+def test_low_precision_error_relative_to_baseline(device, dtype):
+    """Our low-precision error against float64 stays within a small factor of the error of the
+    same math done with plain torch ops in that precision (the reference run in `dtype`)."""
+    args64 = make_args(20, 8, 12, 32, device=device, requires_grad=False, seed=5)
+    exact = reference.lstm(*args64[:6])
+    low = [None if t is None else t.to(dtype) for t in args64]
+    ours = hl.lstm(*low[:6])
+    base = reference.lstm(*low[:6])
+    for o, b, e in zip(ours, base, exact):
+        assert o.dtype == dtype
+        err_ours = (o.double() - e).abs().max().item()
+        err_base = (b.double() - e).abs().max().item()
+        assert err_ours <= 2.0 * err_base + 1e-3, (err_ours, err_base)
+
+
+def test_cpu_float_gate_math_matches_float64():
+    """The CPU float SIMD path builds tanh from exp; check it across the whole range.
+
+    With weight_ih = [0, 0, 1, 0]^T and no recurrence, i = f = o = 1/2 and g = tanh(x), so
+    c = tanh(x) / 2 exposes tanh. A second run exposes sigmoid through i with g = 1."""
+    x = torch.cat([torch.linspace(-12, 12, 20001), torch.logspace(-30, 1, 400),
+                   -torch.logspace(-30, 1, 400)])
+    N = x.numel()
+    zeros = torch.zeros(N, 1)
+    _, _, c = hl.lstm(x.view(1, N, 1), zeros, zeros, torch.tensor([[0.0], [0.0], [1.0], [0.0]]),
+                      torch.zeros(4, 1))
+    exact = torch.tanh(x.double())
+    rel = ((2 * c.view(-1).double() - exact).abs() / exact.abs().clamp_min(1e-38))
+    assert rel.max().item() < 4 * 2.0**-23
+
+    # p_i = x, p_g = 30 (g = 1 exactly): c = sigmoid(x)
+    _, _, c = hl.lstm(x.view(1, N, 1), zeros, zeros, torch.tensor([[1.0], [0.0], [0.0], [0.0]]),
+                      torch.zeros(4, 1), torch.tensor([0.0, 0.0, 30.0, 0.0]))
+    exact = torch.sigmoid(x.double())
+    rel = ((c.view(-1).double() - exact).abs() / exact.abs())
+    assert rel.max().item() < 4 * 2.0**-23
+
+
+def test_zero_length_sequence_returns_initial_state():
+    args = make_args(0, 3, 4, 5)
+    out, h_n, c_n = _call(args)
+    assert out.shape == (0, 3, 5)
+    torch.testing.assert_close(h_n, args[1])
+    torch.testing.assert_close(c_n, args[2])
+
+
+def _toolkit_present():
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    return os.path.exists(os.path.join(home, "bin", "nvcc")) or shutil.which("nvcc") is not None
+
+
+def test_build_has_cuda_kernels_when_torch_has_cuda():
+    """A silently CPU-only build of a CUDA torch must fail here (HANDLSTM_FORCE_CPU opts out)."""
+    expect = (torch.version.cuda is not None and _toolkit_present()
+              and os.environ.get("HANDLSTM_FORCE_CPU", "0") != "1")
+    assert hl.has_cuda_kernels() == expect
+
+
+# ---- bad input: a clear error naming the argument, from Python and from the C++ op ----------
+
+def _bad_cases():
+    def mod(k, fn):
+        def apply(a):
+            a = list(a)
+            a[k] = fn(a[k])
+            return a
+        return apply
+
+    IDX = dict(input=0, h0=1, c0=2, weight_ih=3, weight_hh=4, bias=5, weight_hr=6)
+    return [
+        ("input-2d", mod(IDX["input"], lambda t: t[0]), r"input must be 3-D"),
+        ("input-int", mod(IDX["input"], lambda t: t.long()),
+         r"input must be float32, float64, float16 or bfloat16, got Long"),
+        ("h0-batch", mod(IDX["h0"], lambda t: t[:2]),
+         r"h0 must have shape \(N, Hout\) = \(3, 5\), got \(2, 5\)"),
+        ("h0-3d", mod(IDX["h0"], lambda t: t.unsqueeze(0)), r"h0 must be 2-D"),
+        ("c0-hidden", mod(IDX["c0"], lambda t: t[:, :4]),
+         r"c0 must have shape \(N, H\) = \(3, 5\), got \(3, 4\)"),
+        ("h0-int", mod(IDX["h0"], lambda t: t.long()),
+         r"h0 must have the dtype of input \(Double\), got Long"),
+        ("c0-float32", mod(IDX["c0"], lambda t: t.float()),
+         r"c0 must have the dtype of input \(Double\), got Float"),
+        ("weight_ih-cols", mod(IDX["weight_ih"], lambda t: t[:, :3]),
+         r"weight_ih must have shape \(4H, I\) = \(20, 4\), got \(20, 3\)"),
+        ("weight_ih-rows", mod(IDX["weight_ih"], lambda t: t[:19]),
+         r"weight_ih must have 4H rows"),
+        ("weight_hh", mod(IDX["weight_hh"], lambda t: torch.cat([t, t[:, :1]], 1)),
+         r"weight_hh must have shape \(4H, Hout\) = \(20, 5\), got \(20, 6\)"),
+        ("bias", mod(IDX["bias"], lambda t: t[:-1]),
+         r"bias must have shape \(4H,\) = \(20,\), got \(19,\)"),
+        ("bias-2d", mod(IDX["bias"], lambda t: t.view(4, 5)), r"bias must be 1-D"),
+    ]
+
+
+@pytest.mark.parametrize("name,mutate,pattern", _bad_cases(), ids=[c[0] for c in _bad_cases()])
+@pytest.mark.parametrize("entry", ["lstm", "op"])
+def test_bad_input_is_a_clear_error(name, mutate, pattern, entry):
+    args = mutate(make_args(4, 3, 4, 5, 0, requires_grad=False))
+    with pytest.raises((RuntimeError, ValueError), match=pattern):
+        if entry == "lstm":
+            hl.lstm(*args[:6], weight_hr=args[6])
+        else:
+            torch.ops.handlstm.lstm_forward(*args, None, False)
+
+
+def test_bad_weight_hr():
+    args = list(make_args(4, 3, 4, 5, 2, requires_grad=False))
+    args[6] = args[6][:, :4]
+    with pytest.raises(RuntimeError, match=r"weight_hr must have shape \(P, H\) = \(2, 5\), "
+                                           r"got \(2, 4\)"):
+        hl.lstm(*args[:6], weight_hr=args[6])
+
+
+@pytest.mark.parametrize("bs,pattern", [
+    (torch.tensor([3, 2, 3, 1]), r"batch_sizes must be non-increasing"),
+    (torch.tensor([3, 2, 1]), r"batch_sizes must have shape \(T,\) = \(4,\), got \(3,\)"),
+    (torch.tensor([3.0, 2, 1, 1]), r"batch_sizes must be a 1-D int64 CPU tensor"),
+    (torch.tensor([5, 2, 1, 1]), r"batch_sizes\[0\] = 5 is outside \[0, N\] = \[0, 3\]"),
+], ids=["increasing", "length", "float", "too-large"])
+def test_bad_batch_sizes(bs, pattern):
+    args = make_args(4, 3, 4, 5, requires_grad=False)
+    with pytest.raises(RuntimeError, match=pattern):
+        hl.lstm(*args[:6], batch_sizes=bs)
+
+
+@pytest.mark.cuda
+def test_mixed_devices_are_an_error():
+    args = list(make_args(4, 3, 4, 5, device="cuda", requires_grad=False))
+    args[1] = args[1].cpu()
+    with pytest.raises(RuntimeError, match=re.escape("h0 must be on input's device (cuda:0)")):
+        hl.lstm(*args[:6])
