@@ -62,6 +62,21 @@ def tf32_mode(setting):
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def tf32_readback(setting):
+    """What torch reports under a setting, legacy flags and the newer fp32_precision ones."""
+    with tf32_mode(setting):
+        parts = [
+            f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}",
+            f"cuda.matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}",
+        ]
+        try:
+            parts.append(f"cudnn.rnn.fp32_precision={torch.backends.cudnn.rnn.fp32_precision}")
+            parts.append(f"cuda.matmul.fp32_precision={torch.backends.cuda.matmul.fp32_precision}")
+        except (AttributeError, RuntimeError):
+            pass
+    return ", ".join(parts)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.bench",
@@ -354,7 +369,7 @@ def main(argv=None):
         device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but torch sees no CUDA device")
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
 
     settings = build_settings(args, device)
@@ -436,6 +451,11 @@ def main(argv=None):
         f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (1-min; other work on the "
         f"machine slows both sides)"
     )
+    if device.type == "cuda":
+        meta["tf32_effective"] = "; ".join(
+            f"{t}: {tf32_readback(Setting('float32', t))}"
+            for t in dict.fromkeys(st.tf32 for st in settings if st.tf32 != "n/a")
+        )
     meta["wall_s"] = f"{time.perf_counter() - runner.start:.0f}"
 
     notes = []

@@ -72,13 +72,15 @@ SEED = Case("seed", T=62, N=64, I=12, H=64, real_data=True, reference=True, prio
 FASTRNNS = Case("fastrnns", T=100, N=64, I=512, H=512, reference=True, priority=0)
 
 
-def latency(Ts, Ns=(1, 8, 32), Hs=(64, 256, 512, 1024)):
+def latency(Ts, Ns=(1, 8, 32), Hs=(64, 256, 512, 1024), priority=1):
     """Small-batch latency cases with I = H (so the H and N sweeps share shapes)."""
-    return tuple(Case("latency", T=T, N=N, I=H, H=H) for T in Ts for N in Ns for H in Hs)
+    return tuple(
+        Case("latency", T=T, N=N, I=H, H=H, priority=priority) for T in Ts for N in Ns for H in Hs
+    )
 
 
-def large_batch(Hs, N=256, T=100):
-    return tuple(Case("large-batch", T=T, N=N, I=H, H=H) for H in Hs)
+def large_batch(Hs, N=256, T=100, priority=1):
+    return tuple(Case("large-batch", T=T, N=N, I=H, H=H, priority=priority) for H in Hs)
 
 
 def stacked(H, N=64, T=100):
@@ -107,7 +109,8 @@ PRESETS = {
         "targets, small-batch latency at T=100, large batch at H=512, stacked H=256",
         cases=(SEED, FASTRNNS) + latency((100,)) + large_batch((512,)) + (stacked(256),),
         timing=Timing(0.4, 5, 20.0, 0.05, 0.1, 20, 300),
-        cuda_extra=large_batch((1024,)) + latency((1000,)),
+        # Last in line on CUDA: every dtype's main sweep comes before these under a budget.
+        cuda_extra=large_batch((1024,), priority=2) + latency((1000,), priority=2),
     ),
     "full": Preset(
         "full",
