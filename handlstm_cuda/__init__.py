@@ -9,6 +9,8 @@ See README.md for the API, the drop-in modules and the benchmarks.
 from . import reference
 from ._ext import cpu_pointwise_path, has_cuda_kernels
 from ._ops import LSTMFunction, lstm
+from .modules import LSTM, LSTMCell
 
-__all__ = ["lstm", "LSTMFunction", "reference", "has_cuda_kernels", "cpu_pointwise_path"]
+__all__ = ["lstm", "LSTMFunction", "LSTM", "LSTMCell", "reference", "has_cuda_kernels",
+           "cpu_pointwise_path"]
 __version__ = "0.1.0"
