@@ -200,110 +200,139 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def train(
-    prep: Prepared,
-    cfg: TrainConfig,
-    lstm: str,
-    device: torch.device,
-    ckpt: Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    log=print,
-) -> dict:
-    """Train one model; returns the final checkpoint dict (also saved to ``ckpt`` each epoch).
+class Trainer:
+    """Trains one model an epoch at a time, saving a checkpoint after each epoch.
 
     Batches are shuffled by a generator seeded with (seed, epoch), the learning rate is a
-    function of the epoch, and the model/optimizer state is saved after every epoch, so a
-    resumed run continues exactly where an uninterrupted one would be.
+    function of the epoch, and model and optimizer state are saved after every epoch, so a
+    resumed run continues exactly where an uninterrupted one would be. Stepping two trainers
+    in turn (see ``cli.cmd_run``) lets both see the same machine load when they are timed.
     """
-    from tqdm import tqdm
 
-    n_features = prep.splits["train"].features.shape[-1]
-    model = build_model(lstm, cfg.seed, **cfg.model_kwargs(n_features)).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = {
-        "config": {k: _jsonable(v) for k, v in asdict(cfg).items()},
-        "lstm": lstm,
-        "feature_names": list(D.FEATURE_NAMES),
-        "scaler": {k: _jsonable(v) for k, v in prep.scaler.state_dict().items()},
-        "target_scale": prep.target_scale.tolist(),
-        "epoch": 0,
-        "history": [],
-        "best_val": float("inf"),
-        "best_epoch": -1,
-        "best_model": None,
-    }
-    if resume and ckpt is not None and Path(ckpt).is_file():
-        old = load_checkpoint(ckpt)
+    def __init__(
+        self,
+        prep: Prepared,
+        cfg: TrainConfig,
+        lstm: str,
+        device: torch.device,
+        ckpt: Path | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        log=print,
+    ):
+        self.cfg, self.lstm, self.device, self.ckpt = cfg, lstm, device, ckpt
+        self.progress, self.log = progress, log
+        n_features = prep.splits["train"].features.shape[-1]
+        self.model = build_model(lstm, cfg.seed, **cfg.model_kwargs(n_features)).to(device)
+        self.opt = torch.optim.Adam(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        self.state = {
+            "config": {k: _jsonable(v) for k, v in asdict(cfg).items()},
+            "lstm": lstm,
+            "feature_names": list(D.FEATURE_NAMES),
+            "scaler": {k: _jsonable(v) for k, v in prep.scaler.state_dict().items()},
+            "target_scale": prep.target_scale.tolist(),
+            "epoch": 0,
+            "history": [],
+            "best_val": float("inf"),
+            "best_epoch": -1,
+            "best_model": None,
+        }
+        if resume and ckpt is not None and Path(ckpt).is_file():
+            self._resume(load_checkpoint(ckpt))
+
+        self.x_tr, self.y_tr = _tensors(prep.splits["train"], prep.target_scale, device)
+        self.x_va, self.y_va = _tensors(prep.splits["val"], prep.target_scale, device)
+        self.scale = torch.as_tensor(prep.target_scale, dtype=torch.float32, device=device)
+
+    def _resume(self, old: dict) -> None:
         # Everything but the epoch count must match; more epochs extend the run (the cosine
         # schedule then follows the new length from the resumed epoch on).
-        differ = [
-            k for k, v in state["config"].items() if k != "epochs" and old["config"].get(k) != v
-        ]
-        if old["lstm"] != lstm or differ:
+        config = self.state["config"]
+        differ = [k for k, v in config.items() if k != "epochs" and old["config"].get(k) != v]
+        if old["lstm"] != self.lstm or differ:
             raise ValueError(
-                f"{ckpt} was trained with another setup (lstm {old['lstm']}, differing "
+                f"{self.ckpt} was trained with another setup (lstm {old['lstm']}, differing "
                 f"settings: {differ or 'none'}); remove it or drop --resume"
             )
-        model.load_state_dict(old["model"])
-        opt.load_state_dict(old["optimizer"])
+        self.model.load_state_dict(old["model"])
+        self.opt.load_state_dict(old["optimizer"])
         for k in ("epoch", "history", "best_val", "best_epoch", "best_model", "model", "optimizer"):
-            state[k] = old[k]
-        log(f"[{lstm}] resuming from {ckpt} after epoch {state['epoch']}")
+            self.state[k] = old[k]
+        self.log(f"[{self.lstm}] resuming from {self.ckpt} after epoch {self.state['epoch']}")
 
-    x_tr, y_tr = _tensors(prep.splits["train"], prep.target_scale, device)
-    x_va, y_va = _tensors(prep.splits["val"], prep.target_scale, device)
-    scale = torch.as_tensor(prep.target_scale, dtype=torch.float32, device=device)
-    n = len(x_tr)
+    @property
+    def done(self) -> bool:
+        return self.state["epoch"] >= self.cfg.epochs
 
-    for epoch in range(state["epoch"], cfg.epochs):
+    def run_epoch(self) -> dict:
+        """Train one epoch, validate, checkpoint. Returns the epoch's history entry."""
+        from tqdm import tqdm
+
+        cfg, model, opt, state = self.cfg, self.model, self.opt, self.state
+        epoch = state["epoch"]
         for group in opt.param_groups:
             group["lr"] = _lr_at(cfg, epoch)
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=gen).to(device)
+        n = len(self.x_tr)
+        order = torch.randperm(n, generator=gen).to(self.device)
         batches = range(0, n, cfg.batch_size)
         bar = tqdm(
             batches,
-            desc=f"[{lstm}] epoch {epoch + 1}/{cfg.epochs}",
+            desc=f"[{self.lstm}] epoch {epoch + 1}/{cfg.epochs}",
             unit="batch",
             leave=False,
-            disable=not progress,
+            disable=not self.progress,
         )
         model.train()
         t0 = time.perf_counter()
         running = 0.0
         for b, i in enumerate(bar):
             idx = order[i : i + cfg.batch_size]
-            loss = _loss(model(x_tr[idx]), y_tr[idx], scale, cfg.loss)
+            loss = _loss(model(self.x_tr[idx]), self.y_tr[idx], self.scale, cfg.loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             running += loss.item()
             if b % 10 == 0:
                 bar.set_postfix(loss=f"{running / (b + 1):.4f}")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
-        val = _eval_loss(model, x_va, y_va, scale, cfg.loss, cfg.batch_size)
-        train_loss = running / max(len(batches), 1)
-        state["history"].append(
-            {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val, "seconds": seconds}
-        )
+
+        val = _eval_loss(model, self.x_va, self.y_va, self.scale, cfg.loss, cfg.batch_size)
+        entry = {
+            "epoch": epoch + 1,
+            "train_loss": running / max(len(batches), 1),
+            "val_loss": val,
+            "seconds": seconds,
+        }
+        state["history"].append(entry)
+        weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if val < state["best_val"]:
-            state["best_val"], state["best_epoch"] = val, epoch + 1
-            state["best_model"] = {
-                k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-            }
+            state["best_val"], state["best_epoch"], state["best_model"] = val, epoch + 1, weights
         state["epoch"] = epoch + 1
-        state["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        state["model"] = weights
         state["optimizer"] = opt.state_dict()
-        if ckpt is not None:
-            save_checkpoint(Path(ckpt), state)
-        log(
-            f"[{lstm}] epoch {epoch + 1:3d}/{cfg.epochs}  train {train_loss:.4f}  "
+        if self.ckpt is not None:
+            save_checkpoint(Path(self.ckpt), state)
+        self.log(
+            f"[{self.lstm}] epoch {epoch + 1:3d}/{cfg.epochs}  train {entry['train_loss']:.4f}  "
             f"val {val:.4f}  {seconds:6.2f} s"
         )
-    return state
+        return entry
+
+
+def train(prep: Prepared, cfg: TrainConfig, lstm: str, device: torch.device, **kwargs) -> dict:
+    """Train one model to ``cfg.epochs``; returns the final checkpoint dict.
+
+    kwargs go to ``Trainer`` (ckpt, resume, progress, log).
+    """
+    trainer = Trainer(prep, cfg, lstm, device, **kwargs)
+    while not trainer.done:
+        trainer.run_epoch()
+    return trainer.state
 
 
 # --------------------------------------------------------------------------------------------
