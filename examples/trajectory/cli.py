@@ -46,7 +46,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="where the parsed folder is cached as .npz (default: OUT/cache)")
     g.add_argument("--no-cache", action="store_true", help="always parse the CSV files")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: for this small model the steadiest on "
+                        "a shared machine; 0 keeps torch's default)")
     g.add_argument("--lstm", choices=("auto",) + LSTM_CHOICES, default="auto",
                    help="LSTM implementation; auto = handlstm when it imports, else torch")
     g.add_argument("--seed", type=int, default=0)
