@@ -6,6 +6,8 @@
 // hooks use 64-bit offsets themselves, so no 32-bit limit applies anywhere in this op.
 #include "lstm.h"
 
+#include <ATen/core/LegacyTypeDispatch.h>
+
 #include <algorithm>
 #include <sstream>
 #include <string>
@@ -161,6 +163,9 @@ ForwardResult lstm_forward_impl(const at::Tensor& input_, const at::Tensor& h0_,
                                 const std::optional<at::Tensor>& batch_sizes_, bool reverse,
                                 const CellKernels& kernels) {
   const char* op = "handlstm.lstm_forward";
+  // The op is a leaf for autograd (LSTMFunction differentiates it): its internal views and
+  // GEMMs need no autograd bookkeeping, which otherwise dominates the per-step cost.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Dims d = check_args(op, input_, h0_, c0_, weight_ih_, weight_hh_, opt(bias_),
                             opt(weight_hr_), opt(batch_sizes_));
   const bool packed = opt(batch_sizes_) != nullptr;
@@ -258,6 +263,9 @@ BackwardResult lstm_backward_impl(
     const at::Tensor& gates_, const at::Tensor& cells_, const at::Tensor& proj_in_,
     const std::optional<at::Tensor>& batch_sizes_, bool reverse, const CellKernels& kernels) {
   const char* op = "handlstm.lstm_backward";
+  // The op is a leaf for autograd (LSTMFunction differentiates it): its internal views and
+  // GEMMs need no autograd bookkeeping, which otherwise dominates the per-step cost.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Dims d = check_args(op, input_, h0_, c0_, weight_ih_, weight_hh_, nullptr,
                             opt(weight_hr_), opt(batch_sizes_));
   const bool packed = opt(batch_sizes_) != nullptr;
