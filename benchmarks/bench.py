@@ -419,6 +419,7 @@ def main(argv=None):
             ),
             file=sys.stderr,
         )
+    contention = env.CpuContention()
     bar = _progress(total, args.no_progress)
     try:
         for (_, setting), (_, case) in blocks:
@@ -426,6 +427,7 @@ def main(argv=None):
     finally:
         bar.close()
     load_after = os.getloadavg()
+    others = contention.others()
 
     rows = report.add_ratios(runner.rows)
     t = preset.timing
@@ -456,13 +458,20 @@ def main(argv=None):
             f"{t}: {tf32_readback(Setting('float32', t))}"
             for t in dict.fromkeys(st.tf32 for st in settings if st.tf32 != "n/a")
         )
+    meta["other_cpu_use"] = (
+        "unknown" if others is None
+        else f"{others:.0%} of all CPU time during the run went to other processes"
+    )
     meta["wall_s"] = f"{time.perf_counter() - runner.start:.0f}"
 
     notes = []
-    if busy:
+    # Other processes' share of the CPUs, above which the torch threads had to wait for cores.
+    crowded = others is not None and others > max(0.1, 1 - args.threads / cpus - 0.1)
+    if device.type == "cpu" and (busy or crowded):
         notes.append(
-            f"WARNING: the machine was busy (load average {load_before[0]:.2f} at the start) "
-            f"with {args.threads} torch threads on {cpus} CPUs; these times are unreliable."
+            f"WARNING: the machine was busy (load average {load_before[0]:.2f} at the start; "
+            f"{meta['other_cpu_use']}) with {args.threads} torch threads on {cpus} CPUs: "
+            f"these times are unreliable."
         )
     flagged = [
         r for r in rows

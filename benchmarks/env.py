@@ -46,6 +46,38 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
+class CpuContention:
+    """Share of the machine's CPU time that other processes used while this one ran.
+
+    From /proc/stat's busy ticks across all CPUs minus this process's own CPU time, over the
+    wall time times the CPU count. None where /proc/stat cannot be read.
+    """
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        t = os.times()
+        return sum(fields) - idle, sum(fields), t.user + t.system
+
+    def others(self):
+        end = self._sample()
+        if self.start is None or end is None or end[1] <= self.start[1]:
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        busy = (end[0] - self.start[0]) / hz
+        total = (end[1] - self.start[1]) / hz
+        own = end[2] - self.start[2]
+        return max(0.0, (busy - own) / total)
+
+
 def onednn_version():
     if not torch.backends.mkldnn.is_available():
         return "not built"
