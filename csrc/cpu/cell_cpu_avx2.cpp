@@ -10,6 +10,8 @@
 // ATen's headers pass AVX vectors by value; the ABI note GCC prints for that is irrelevant here
 // because no such function crosses this file's boundary.
 #pragma GCC diagnostic ignored "-Wpsabi"
+// ATen's vector headers carry `#pragma unroll` hints that only other compilers read.
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"
 #elif defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
 #endif
