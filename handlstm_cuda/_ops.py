@@ -23,6 +23,8 @@ Registrations made here, and why (docs/works-with.md lists the tests):
     float32 parameters as float32.
 """
 
+import contextlib
+
 import torch
 
 from . import _ext  # noqa: F401  (registers torch.ops.handlstm)
@@ -63,29 +65,69 @@ def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_i
     )
 
 
+def _tracked(t):
+    """Whether autograd records ops on t here. A tensor captured by a torch.func transform that
+    has since returned (a vjp_fn called later) still reports requires_grad, but is not tracked."""
+    if t is None or not t.requires_grad:
+        return False
+    with torch.enable_grad():
+        return t.view_as(t).requires_grad
+
+
 def _reference_grads(inputs, grads, needs_input_grad):
     """Gradients through the differentiable reference, with a graph (double backward).
 
     inputs: the op's nine arguments; grads: the gradients of (output, h_n, c_n), None where
     undefined; needs_input_grad: one bool per argument.
     """
-    input, h0, c0, weight_ih, weight_hh, bias, weight_hr, batch_sizes, reverse = inputs
     wanted = [k for k in range(7) if needs_input_grad[k]]
     result = [None] * 9
     pairs = [(o, g) for o, g in zip(("output", "h_n", "c_n"), grads) if g is not None]
     if not wanted or not pairs:
         return tuple(result)
+    # A wanted input that is not tracked here only needs its first derivative: differentiate
+    # a detached leaf in its place.
+    leaves = list(inputs)
+    for k in wanted:
+        if not _tracked(leaves[k]):
+            leaves[k] = leaves[k].detach().requires_grad_()
+    input, h0, c0, weight_ih, weight_hh, bias, weight_hr, batch_sizes, reverse = leaves
     with torch.enable_grad():
         outs = dict(zip(("output", "h_n", "c_n"),
                         reference.lstm(input, h0, c0, weight_ih, weight_hh, bias,
                                        weight_hr=weight_hr, batch_sizes=batch_sizes,
                                        reverse=reverse)))
         found = torch.autograd.grad([outs[name] for name, _ in pairs],
-                                    [inputs[k] for k in wanted], [g for _, g in pairs],
+                                    [leaves[k] for k in wanted], [g for _, g in pairs],
                                     create_graph=True, allow_unused=True)
     for k, g in zip(wanted, found):
         result[k] = g
     return tuple(result)
+
+
+# Device types with an autocast rule: those the op has kernels for.
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_active(device_type):
+    return device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type)
+
+
+def _autocast_cast(args, device_type):
+    """Cast as autocast's lower-precision policy does: each floating tensor on device_type,
+    except float64, to the autocast dtype in force; everything else as it is."""
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(
+        a.to(dtype) if (isinstance(a, torch.Tensor) and a.is_floating_point()
+                        and a.dtype != torch.float64 and a.device.type == device_type) else a
+        for a in args)
+
+
+def _autocast_off(device_type):
+    """A context with autocast disabled for device_type when it was on; otherwise a no-op."""
+    if _autocast_active(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class LSTMFunction(torch.autograd.Function):
@@ -93,15 +135,20 @@ class LSTMFunction(torch.autograd.Function):
 
     forward returns (output, h_n, c_n, gates, cells, proj_in); the last three are saved
     activations, marked non-differentiable. backward runs `handlstm::lstm_backward`. When a
-    graph of the gradient is requested (create_graph=True, e.g. double backward or
-    torch.func.grad), backward instead differentiates the pure-PyTorch reference, so second
-    derivatives are exact rather than silently missing.
+    graph of the gradient is requested (create_graph=True, as in double backward or nested
+    torch.func transforms) and can be recorded, backward instead differentiates the pure-PyTorch
+    reference, so second derivatives are exact rather than silently missing.
+
+    Both directions run in the dtypes they are given, autocast or not: a cast made inside a
+    Function would be invisible to autograd and leave the saved tensors in the wrong dtype.
+    `lstm()` applies autocast's cast before calling it.
     """
 
     @staticmethod
     def forward(input, h0, c0, weight_ih, weight_hh, bias, weight_hr, batch_sizes, reverse):
-        return _ops.lstm_forward(input, h0, c0, weight_ih, weight_hh, bias, weight_hr,
-                                 batch_sizes, reverse)
+        with _autocast_off(input.device.type):
+            return _ops.lstm_forward(input, h0, c0, weight_ih, weight_hh, bias, weight_hr,
+                                     batch_sizes, reverse)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -116,19 +163,24 @@ class LSTMFunction(torch.autograd.Function):
     def backward(ctx, grad_output, grad_h_n, grad_c_n, *_unused):
         (input, h0, c0, weight_ih, weight_hh, bias, weight_hr, batch_sizes,
          out, gates, cells, proj_in) = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            inputs = (input, h0, c0, weight_ih, weight_hh, bias, weight_hr, batch_sizes,
-                      ctx.reverse)
-            return _reference_grads(inputs, (grad_output, grad_h_n, grad_c_n),
-                                    ctx.needs_input_grad)
-        (d_input, d_h0, d_c0, d_w_ih, d_w_hh, d_bias, d_w_hr) = _ops.lstm_backward(
-            grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, weight_hr,
-            out, gates, cells, proj_in, batch_sizes, ctx.reverse)
+        with _autocast_off(input.device.type):
+            # A graph of the gradient can only be recorded when grad mode is on (create_graph)
+            # and something here is tracked; otherwise the fused kernel gives the same numbers.
+            differentiable = (grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih,
+                              weight_hh, bias, weight_hr)
+            if torch.is_grad_enabled() and any(_tracked(t) for t in differentiable):
+                inputs = (input, h0, c0, weight_ih, weight_hh, bias, weight_hr, batch_sizes,
+                          ctx.reverse)
+                return _reference_grads(inputs, (grad_output, grad_h_n, grad_c_n),
+                                        ctx.needs_input_grad)
+            (d_input, d_h0, d_c0, d_w_ih, d_w_hh, d_bias, d_w_hr) = _ops.lstm_backward(
+                grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, weight_hr,
+                out, gates, cells, proj_in, batch_sizes, ctx.reverse)
         return (d_input, d_h0, d_c0, d_w_ih, d_w_hh, d_bias if bias is not None else None,
                 d_w_hr if weight_hr is not None else None, None, None)
 
 
-
+# The same formula makes the bare op differentiable (and satisfies opcheck's autograd test).
 torch.library.register_autograd("handlstm::lstm_forward", LSTMFunction.backward,
                                 setup_context=LSTMFunction.setup_context)
 
@@ -146,19 +198,6 @@ def _lstm_backward_not_differentiable(ctx, *grads):
 torch.library.register_autograd("handlstm::lstm_backward", _lstm_backward_not_differentiable,
                                 setup_context=lambda ctx, inputs, output: None)
 
-# Device types with autocast kernels: those the op has backends for.
-_AUTOCAST_DEVICES = ("cpu", "cuda")
-
-
-def _autocast_cast(args, device_type):
-    """Cast as autocast's lower-precision policy does: each floating tensor on device_type,
-    except float64, to the autocast dtype in force; everything else as it is."""
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(
-        a.to(dtype) if (isinstance(a, torch.Tensor) and a.is_floating_point()
-                        and a.dtype != torch.float64 and a.device.type == device_type) else a
-        for a in args)
-
 
 _autocast_lib = torch.library.Library("handlstm", "IMPL")
 
@@ -166,20 +205,22 @@ _autocast_lib = torch.library.Library("handlstm", "IMPL")
 def _register_autocast(name, device_type):
     op = getattr(_ops, name).default
 
-    # torch.library.register_autocast takes one fixed dtype; this follows the dtype of the
-    # autocast region instead (float16 or bfloat16 on CUDA).
+    # Like torch.library.register_autocast, except that it follows the dtype of the autocast
+    # region (float16 or bfloat16) instead of one fixed at registration. Autocast sits above
+    # autograd in the dispatcher, so these casts are recorded and gradients reach float32
+    # tensors as float32.
     def kernel(*args):
         cast = _autocast_cast(args, device_type)
         with torch.autocast(device_type, enabled=False):
             return op(*cast)
 
-    key = "Autocast" + {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    _autocast_lib.impl(name, kernel, key)
+    _autocast_lib.impl(name, kernel, "Autocast" + device_type.upper())
 
 
 for _name in ("lstm_forward", "lstm_backward"):
     for _device_type in _AUTOCAST_DEVICES:
         _register_autocast(_name, _device_type)
+
 
 def _zero_states(input, weight_ih, weight_hr, h0, c0):
     if not isinstance(input, torch.Tensor) or input.dim() != 3:
@@ -224,10 +265,9 @@ def lstm(input, h0, c0, weight_ih, weight_hh, bias=None, *, weight_hr=None, batc
     if h0 is None or c0 is None:
         h0, c0 = _zero_states(input, weight_ih, weight_hr, h0, c0)
     args = (input, h0, c0, weight_ih, weight_hh, bias, weight_hr)
-    device_type = input.device.type if isinstance(input, torch.Tensor) else None
-    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
-        # Cast here, outside LSTMFunction, so autograd records the casts and float32 leaves
-        # get float32 gradients. The op's autocast kernel then finds nothing left to cast.
-        args = _autocast_cast(args, device_type)
+    if isinstance(input, torch.Tensor) and _autocast_active(input.device.type):
+        # Cast here, outside LSTMFunction, so that autograd records the casts and float32
+        # leaves get float32 gradients.
+        args = _autocast_cast(args, input.device.type)
     output, h_n, c_n, _, _, _ = LSTMFunction.apply(*args, batch_sizes, reverse)
     return output, h_n, c_n

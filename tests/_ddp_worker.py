@@ -1,0 +1,66 @@
+"""Worker for the DistributedDataParallel test (tests/test_integration.py): two gloo processes
+on CPU train the same model on halves of one batch.
+
+Kept in its own module so that spawned processes import only this, not the test file.
+Shape vocabulary: N batch, T time, I input, H hidden.
+"""
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import handlstm_cuda as hl
+
+N, T, I, H = 4, 5, 3, 6
+STEPS = 3
+LR = 0.5
+
+
+class Regressor(torch.nn.Module):
+    """Two-layer LSTM and a linear head on the last step: (N, T, I) -> (N, 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = hl.LSTM(I, H, num_layers=2, batch_first=True, dtype=torch.float64)
+        self.head = torch.nn.Linear(H, 1, dtype=torch.float64)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+def make_model_and_batch():
+    """The same initial model and the combined batch (x (N, T, I), y (N, 1)) in every process."""
+    torch.manual_seed(0)
+    model = Regressor()
+    x = torch.randn(N, T, I, dtype=torch.float64)
+    y = torch.randn(N, 1, dtype=torch.float64)
+    return model, x, y
+
+
+def train(model, x, y):
+    """STEPS of plain SGD on the mean squared error; returns the model."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    for _ in range(STEPS):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return model
+
+
+def run(rank, world_size, init_file, out_path):
+    """One DDP process: trains on its shard of the batch; rank 0 saves the final state."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world_size)
+    try:
+        model, x, y = make_model_and_batch()
+        shard = slice(rank * N // world_size, (rank + 1) * N // world_size)
+        # DDP averages gradients over processes; with equal shards and a mean loss that is the
+        # gradient of the mean loss over the combined batch.
+        ddp = DistributedDataParallel(model)
+        train(ddp, x[shard], y[shard])
+        if rank == 0:
+            torch.save(model.state_dict(), out_path)
+    finally:
+        dist.destroy_process_group()
