@@ -292,16 +292,15 @@ def test_autocast_function_and_bare_op(device, dtype):
 ])
 def test_grad_scaler(device, dtype):
     torch.manual_seed(3)
-    model = nn.Sequential()
-    model.rnn = hl.LSTM(3, 8, 2, device=device)
+    rnn = hl.LSTM(3, 8, 2, device=device)
     head = nn.Linear(8, 1, device=device)
     x = torch.randn(5, 4, 3, device=device)
     y = torch.randn(4, 1, device=device)
-    params = list(model.parameters()) + list(head.parameters())
+    params = list(rnn.parameters()) + list(head.parameters())
 
     def loss_fn():
         with torch.autocast(device, dtype=dtype):
-            out, _ = model.rnn(x)
+            out, _ = rnn(x)
             return nn.functional.mse_loss(head(out[-1]).float(), y)
 
     loss_fn().backward()
