@@ -30,6 +30,8 @@ PY=${PYTHON:-python3}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONUNBUFFERED=1
+# This script is how the CUDA kernels get verified, so it runs them (they are off by default).
+export HANDLSTM_CUDA_KERNELS=1
 LOG=$OUTDIR/check.log
 START=$(date +%s)
 DEADLINE=$((START + ${GPU_CHECK_BUDGET:-450}))

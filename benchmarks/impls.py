@@ -64,6 +64,12 @@ def load_ours(device):
                 "handlstm_cuda was built without CUDA kernels (has_cuda_kernels() is false "
                 "or missing); rebuild with CUDA before timing 'ours' on the GPU. " + hint
             )
+        enabled = getattr(hl, "cuda_kernels_enabled", None)
+        if enabled is not None and not enabled():
+            raise OursUnavailable(
+                "handlstm_cuda's CUDA kernels are switched off (not yet verified on a GPU), so "
+                "'ours' would time the reference loop; set HANDLSTM_CUDA_KERNELS=1 to time them."
+            )
     return hl
 
 

@@ -25,6 +25,9 @@ Registrations made here, and why (docs/works-with.md lists the tests):
 
 import contextlib
 
+import os
+import warnings
+
 import torch
 
 from . import _ext  # noqa: F401  (registers torch.ops.handlstm)
@@ -222,6 +225,35 @@ for _name in ("lstm_forward", "lstm_backward"):
         _register_autocast(_name, _device_type)
 
 
+# The CUDA kernels compile in CI but have not yet run on a GPU, so they stay off by default:
+# CUDA tensors take the differentiable reference unless HANDLSTM_CUDA_KERNELS=1 (read at
+# import) or set_cuda_kernels_enabled(True). Remove this switch once benchmarks/gpu_check.sh
+# has passed on a GPU and its results are committed under benchmarks/results/.
+_cuda_kernels_enabled = os.environ.get("HANDLSTM_CUDA_KERNELS", "0") == "1"
+_warned_cuda_fallback = False
+
+
+def cuda_kernels_enabled():
+    """Whether `lstm` runs our CUDA kernels for CUDA tensors (else the reference path)."""
+    return _cuda_kernels_enabled
+
+
+def set_cuda_kernels_enabled(enabled):
+    """Turn the not-yet-GPU-verified CUDA kernels on or off for this process."""
+    global _cuda_kernels_enabled
+    _cuda_kernels_enabled = bool(enabled)
+
+
+def _cuda_fallback_warning():
+    global _warned_cuda_fallback
+    if not _warned_cuda_fallback and not torch.compiler.is_compiling():
+        _warned_cuda_fallback = True
+        warnings.warn(
+            "handlstm_cuda: the CUDA kernels have not been verified on a GPU yet, so CUDA "
+            "tensors run the pure-PyTorch reference (correct, slower). Set "
+            "HANDLSTM_CUDA_KERNELS=1 to use the fused CUDA kernels.", stacklevel=3)
+
+
 def _zero_states(input, weight_ih, weight_hr, h0, c0):
     if not isinstance(input, torch.Tensor) or input.dim() != 3:
         raise ValueError("lstm: input must be a 3-D tensor (T, N, I) when h0 or c0 is None, got "
@@ -269,5 +301,9 @@ def lstm(input, h0, c0, weight_ih, weight_hh, bias=None, *, weight_hr=None, batc
         # Cast here, outside LSTMFunction, so that autograd records the casts and float32
         # leaves get float32 gradients.
         args = _autocast_cast(args, input.device.type)
+    if isinstance(input, torch.Tensor) and input.is_cuda and not _cuda_kernels_enabled:
+        _cuda_fallback_warning()
+        return reference.lstm(*args[:6], weight_hr=args[6], batch_sizes=batch_sizes,
+                              reverse=reverse)
     output, h_n, c_n, _, _, _ = LSTMFunction.apply(*args, batch_sizes, reverse)
     return output, h_n, c_n

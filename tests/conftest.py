@@ -4,8 +4,14 @@ Shape vocabulary: T time, N batch, I input, H hidden, G = 4H, P projection size.
 No CUDA query runs at import time; the `cuda` marker is resolved per test.
 """
 
+import os
+
 import pytest
 import torch
+
+# The CUDA tests exist to verify the fused CUDA kernels, which are off by default until they
+# have run on a GPU (see handlstm_cuda/_ops.py); turn them on before the package is imported.
+os.environ.setdefault("HANDLSTM_CUDA_KERNELS", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -316,3 +316,20 @@ def test_mixed_devices_are_an_error():
     args[1] = args[1].cpu()
     with pytest.raises(RuntimeError, match=re.escape("h0 must be on input's device (cuda:0)")):
         hl.lstm(*args[:6])
+
+
+def test_cuda_kernels_are_off_by_default_until_verified():
+    """Until the CUDA kernels have run on a GPU, a fresh process keeps them off (the suite
+    itself turns them on in conftest.py so that the CUDA tests exercise them)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "HANDLSTM_CUDA_KERNELS"}
+    code = "import handlstm_cuda as h; print(h.cuda_kernels_enabled())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.stdout.strip() == "False"
+    env["HANDLSTM_CUDA_KERNELS"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.stdout.strip() == "True"
