@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define HANDLSTM_HOST_DEVICE __host__ __device__ __forceinline__
@@ -95,6 +96,14 @@ HANDLSTM_HOST_DEVICE Gates<acc_t> cell_backward(const Gates<acc_t>& a, acc_t c, 
   dp.o = dm * tanh_c * sigmoid_grad_from_output(a.o);
   *dc_prev = dc_total * a.f;
   return dp;
+}
+
+// Row `row` of c_{t-1} for one step: rows below n_prev continue the previous step (c_prev,
+// (n_prev, H)); the others start at this step from c0 (N, H). Used by both backends' kernels.
+template <typename scalar_t>
+HANDLSTM_HOST_DEVICE const scalar_t* c_prev_row(const scalar_t* c_prev, const scalar_t* c0,
+                                                int64_t row, int64_t H, int64_t n_prev) {
+  return row < n_prev ? c_prev + row * H : c0 + row * H;
 }
 
 }  // namespace handlstm

@@ -29,12 +29,6 @@ unsigned int blocks_for(int64_t count) {
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(wanted, sms * 32)));
 }
 
-template <typename scalar_t>
-__device__ __forceinline__ const scalar_t* c_prev_row(const scalar_t* c_prev, const scalar_t* c0,
-                                                      int64_t row, int64_t H, int64_t n_prev) {
-  return row < n_prev ? c_prev + row * H : c0 + row * H;
-}
-
 // gates (n, 4H) in: pre-activations, out: activated; c_prev (n_prev, H); c0 (N, H);
 // c, m (n, H).
 template <typename scalar_t>

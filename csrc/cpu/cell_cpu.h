@@ -47,12 +47,6 @@ struct BackwardRows {
 // Marks the plain-C++ instantiation: no vector loop, only the scalar one.
 struct NoVec {};
 
-template <typename scalar_t>
-const scalar_t* c_prev_row(const scalar_t* c_prev, const scalar_t* c0, int64_t row, int64_t H,
-                           int64_t n_prev) {
-  return row < n_prev ? c_prev + row * H : c0 + row * H;
-}
-
 // acc_t is the accumulation type: float for float/half/bfloat16, double for double. Vec, when
 // not NoVec, is a SIMD vector of acc_t with load/store/size() (at::vec::Vectorized).
 template <typename scalar_t, typename acc_t, typename Vec>
