@@ -28,7 +28,7 @@ import torch
 from . import env, impls, report
 from .cases import MODES, PRESETS
 from .data import REPO_ROOT, make_input_sets
-from .timing import time_cpu, time_cuda
+from .timing import paired_ratio, time_cpu, time_cuda
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -201,6 +201,8 @@ class Runner:
             "us_per_step": math.nan,
             "peak_mb": math.nan,
             "err_vs_torch": math.nan,
+            "ratio_p25": math.nan,
+            "ratio_p75": math.nan,
         }
         r.update(values)
         self.rows.append(r)
@@ -274,8 +276,10 @@ class Runner:
             for name in built:
                 self.row(setting, case, source, mode, name, backends[name], "error: " + _short(e))
             return
+        base = stats.get("torch")
         for name in built:
             st = stats[name]
+            r50, r25, r75 = paired_ratio(st.samples, base.samples) if base else (math.nan,) * 3
             # A point whose err_vs_torch is over its limit is timed all the same; main()
             # prints a warning naming it.
             self.row(
@@ -287,6 +291,9 @@ class Runner:
                 us_per_step=st.median * 1e6 / case.T,
                 peak_mb=st.peak_bytes / 2**20,
                 err_vs_torch=errors.get(name, math.nan),
+                ratio_paired=r50,
+                ratio_p25=r25,
+                ratio_p75=r75,
             )
 
 
@@ -467,7 +474,7 @@ def main(argv=None):
     notes = []
     # Other processes' share of the CPUs, above which the torch threads had to wait for cores.
     crowded = others is not None and others > max(0.1, 1 - args.threads / cpus - 0.1)
-    if device.type == "cpu" and (busy or crowded):
+    if device.type == "cpu" and (crowded if others is not None else busy):
         notes.append(
             f"WARNING: the machine was busy (load average {load_before[0]:.2f} at the start; "
             f"{meta['other_cpu_use']}) with {args.threads} torch threads on {cpus} CPUs: "

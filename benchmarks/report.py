@@ -1,8 +1,8 @@
 """Tables (terminal and markdown), CSV and the target check, from the benchmark's rows.
 
 A row is one (setting, case, mode, implementation) point; see COLUMNS. Ratios are time ratios
-against torch.nn.LSTM on the same point: ours / torch < 1 means ours is faster, and the
-speedup column is the inverse.
+against torch.nn.LSTM on the same point, taken round by round (see add_ratios): ours / torch
+< 1 means ours is faster, and the speedup column is the inverse.
 """
 
 import csv
@@ -33,6 +33,8 @@ COLUMNS = (
     "peak_mb",
     "err_vs_torch",
     "ratio_vs_torch",
+    "ratio_p25",
+    "ratio_p75",
 )
 
 # (device type, case group, description, required torch/ours speedup)
@@ -45,14 +47,24 @@ TARGETS = (
 
 
 def add_ratios(rows):
-    """Fill ratio_vs_torch for every timed row that has a timed torch row beside it."""
+    """Fill ratio_vs_torch for every timed row that has a timed torch row beside it.
+
+    The ratio is the median over rounds of (this call / torch's call in the same round) when
+    the row carries it (ratio_paired), else the ratio of the two medians.
+    """
     torch_ms = {
         _point(r): r["median_ms"] for r in rows if r["impl"] == "torch" and r["status"] == "ok"
     }
     for r in rows:
         base = torch_ms.get(_point(r))
         ok = r["status"] == "ok" and base is not None and base > 0
-        r["ratio_vs_torch"] = r["median_ms"] / base if ok else math.nan
+        paired = r.get("ratio_paired", math.nan)
+        if not ok:
+            r["ratio_vs_torch"] = math.nan
+        elif math.isfinite(paired):
+            r["ratio_vs_torch"] = paired
+        else:
+            r["ratio_vs_torch"] = r["median_ms"] / base
     return rows
 
 
@@ -103,6 +115,7 @@ _TABLE_HEAD = (
     ("torch ms", ">"),
     ("ref ms", ">"),
     ("ours/torch", ">"),
+    ("round IQR", ">"),
     ("speedup", ">"),
     ("ours us/step", ">"),
     ("torch us/step", ">"),
@@ -110,6 +123,16 @@ _TABLE_HEAD = (
     ("torch MB", ">"),
     ("ours err", ">"),
 )
+
+
+def _iqr(r):
+    """'p25-p75' of the per-round ratios of one row, or '-'."""
+    if r is None or r["status"] != "ok":
+        return "-"
+    lo, hi = r.get("ratio_p25", math.nan), r.get("ratio_p75", math.nan)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "-"
+    return f"{lo:.2f}-{hi:.2f}"
 
 
 def _table_rows(rows):
@@ -143,6 +166,7 @@ def _table_rows(rows):
             ms(base),
             ms(ref),
             _fmt(ratio, ".3f"),
+            _iqr(ours),
             _fmt(speedup, ".2f") + ("x" if math.isfinite(speedup) else ""),
             _fmt(ours["us_per_step"] if ours and ours["status"] == "ok" else None, ".1f"),
             _fmt(base["us_per_step"] if base and base["status"] == "ok" else None, ".1f"),
@@ -248,8 +272,9 @@ def write_markdown(path, meta, rows, notes=()):
         for k, v in meta.items():
             f.write(f"- **{k}**: {v}\n")
         f.write(
-            "\nTimes are medians per call; ours/torch is a time ratio (below 1: ours is "
-            "faster), speedup its inverse. MB: peak memory of one call (GPU: "
+            "\nTimes are medians per call. ours/torch: median over timing rounds of the ratio "
+            "of the two calls timed in that round (below 1: ours is faster); round IQR: its "
+            "quartiles; speedup: its inverse. MB: peak memory of one call (GPU: "
             "max_memory_allocated above the starting allocation; CPU: growth of the "
             "process's peak RSS). err: ||ours - torch|| / ||torch||, largest over the output "
             "and all gradients. n/r: not run for this point.\n"

@@ -26,6 +26,16 @@ class Stats:
     p75: float
     reps: int  # timed calls
     peak_bytes: float = math.nan  # peak memory of one call (see peak_cuda_bytes / peak_rss_bytes)
+    samples: list = None  # per-call seconds, one per round; rounds align across implementations
+
+
+def paired_ratio(samples, baseline):
+    """(median, p25, p75) of the per-round ratios samples[r] / baseline[r].
+
+    Both were timed in the same round, moments apart, so a slow spell on a shared machine
+    scales both and cancels in the ratio.
+    """
+    return _median_iqr([a / b for a, b in zip(samples, baseline, strict=True)])
 
 
 def _median_iqr(times):
@@ -84,7 +94,8 @@ def time_cpu(steps, clears, timing, threads, max_seconds=None):
                 times[name].append(total / numbers[name])
             rounds += 1
     return {
-        n: Stats(*_median_iqr(times[n]), reps=len(times[n]) * numbers[n], peak_bytes=peaks[n])
+        n: Stats(*_median_iqr(times[n]), reps=len(times[n]) * numbers[n], peak_bytes=peaks[n],
+                 samples=times[n])
         for n in names
     }
 
@@ -125,7 +136,7 @@ def time_cuda(steps, clears, timing, max_seconds=None):
     for name in names:
         times = [begin.elapsed_time(end) / 1e3 for begin, end in events[name]]
         peak = peak_cuda_bytes(steps[name], clears[name])
-        out[name] = Stats(*_median_iqr(times), reps=reps, peak_bytes=peak)
+        out[name] = Stats(*_median_iqr(times), reps=reps, peak_bytes=peak, samples=times)
     return out
 
 

@@ -140,11 +140,14 @@ def test_ratios_and_targets():
             _row("torch", 10.0, group="fastrnns"),
             _row("ours", 12.5, group="fastrnns"),
             _row("ours", 3.0, mode="infer"),  # no torch time beside it: no ratio
+            _row("torch", 2.0, mode="train-fwd"),
+            dict(_row("ours", 1.0, mode="train-fwd"), ratio_paired=0.6),  # round by round
         ]
     )
     ratios = [r["ratio_vs_torch"] for r in rows]
     assert ratios[:5] == [1.0, 0.25, 2.0, 1.0, 1.25]
     assert math.isnan(ratios[5])
+    assert ratios[7] == 0.6
 
     verdicts = {text.split(":")[0]: (speedup, verdict) for text, speedup, _, verdict in
                 report.targets(rows)}
@@ -197,3 +200,19 @@ def test_preset_shapes_cover_the_issue():
                 assert f"latency T{T} N{N} I{H} H{H}" in full
     assert {"large-batch T100 N256 I512 H512", "large-batch T100 N256 I1024 H1024"} <= full
     assert any(c.layers == 3 and c.bidirectional for c in bench.PRESETS["full"].cases)
+
+
+def test_cpu_timer_rounds_align():
+    """Both implementations get the same number of rounds, so ratios can be paired."""
+    from benchmarks.cases import Timing
+    from benchmarks.timing import paired_ratio, time_cpu
+
+    a, b = torch.randn(64, 64), torch.randn(256, 256)
+    steps = {"torch": lambda: a @ a, "ours": lambda: b @ b}
+    clears = {"torch": lambda: None, "ours": lambda: None}
+    timing = Timing(0.002, 4, 5.0, 0.0, 0.0, 1, 1)
+    stats = time_cpu(steps, clears, timing, threads=1)
+    assert len(stats["ours"].samples) == len(stats["torch"].samples) >= 4
+    assert all(s.median > 0 and s.p25 <= s.median <= s.p75 for s in stats.values())
+    med, lo, hi = paired_ratio(stats["ours"].samples, stats["torch"].samples)
+    assert 0 < lo <= med <= hi
