@@ -37,11 +37,16 @@ def _autocast_cast(tensors, dtype):
             else t for t in tensors]
 
 
-def _check_state_pair(hx, owner):
-    """hx must be a pair (h, c) of tensors; say so plainly instead of failing deep inside."""
+def _check_state_pair(hx, owner, shapes):
+    """hx must be a pair (h, c) of tensors; say so plainly instead of failing deep inside.
+
+    shapes: the expected shapes of h_0 and c_0, named in the message for a lone tensor.
+    """
     if not isinstance(hx, (tuple, list)):
-        raise TypeError(f"{owner}: hx must be a tuple (h_0, c_0) of two tensors, got "
-                        f"{type(hx).__name__}")
+        got = (f"a Tensor of shape {tuple(hx.shape)}" if isinstance(hx, torch.Tensor)
+               else type(hx).__name__)
+        raise TypeError(f"{owner}: hx must be a tuple (h_0, c_0) of two tensors of shapes "
+                        f"{tuple(shapes[0])} and {tuple(shapes[1])}, got {got}")
     if len(hx) != 2:
         raise RuntimeError(f"{owner}: hx must be a tuple (h_0, c_0) of two tensors, got a "
                            f"{type(hx).__name__} of {len(hx)}")
@@ -206,12 +211,26 @@ class LSTM(nn.Module):
         Hout = self.proj_size if self.proj_size > 0 else self.hidden_size
         return (LD, N, Hout), (LD, N, self.hidden_size)
 
-    def _check_state_sizes(self, h0, c0, N):
+    def _check_states(self, h0, c0, N, ref):
+        """Sizes with nn.LSTM's message, then dtypes, which nn.LSTM leaves to its backend.
+
+        h0, c0: the 3-D states as given; ref: the input (or packed data), whose dtype they must
+        share outside autocast (which casts them along with the input).
+        """
         h_size, c_size = self._state_sizes(N)
         for idx, (state, expected) in enumerate(((h0, h_size), (c0, c_size))):
             if state.size() != expected:
+                hint = ""
+                if self.batch_first and state.size() == (expected[1], expected[0], expected[2]):
+                    hint = ("; hx is (num_layers * num_directions, N, H) even with "
+                            "batch_first=True")
                 raise RuntimeError(
-                    f"Expected hidden[{idx}] size {expected}, got {list(state.size())}")
+                    f"Expected hidden[{idx}] size {expected}, got {list(state.size())}{hint}")
+        autocast = _autocast_dtype(ref.device.type) is not None
+        for idx, state in enumerate((h0, c0)):
+            if not state.is_floating_point() or (not autocast and state.dtype != ref.dtype):
+                raise RuntimeError(f"Expected hidden[{idx}] dtype {ref.dtype} (the input's), "
+                                   f"got {state.dtype}")
 
     # Forward.
 
@@ -267,7 +286,9 @@ class LSTM(nn.Module):
         if hx is None:
             h0, c0 = self._zero_state(x, N)
         else:
-            _check_state_pair(hx, "LSTM")
+            h_size, c_size = self._state_sizes(N)
+            _check_state_pair(hx, "LSTM", (h_size, c_size) if batched else
+                              (h_size[::2], c_size[::2]))
             h0, c0 = hx
             rank = 3 if batched else 2
             if h0.dim() != rank or c0.dim() != rank:
@@ -276,7 +297,7 @@ class LSTM(nn.Module):
                                    f"({h0.dim()}-D, {c0.dim()}-D) tensors")
             if not batched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-            self._check_state_sizes(h0, c0, N)
+            self._check_states(h0, c0, N, x)
 
         out, h_n, c_n = self._stack(x, h0, c0, None)
 
@@ -296,12 +317,12 @@ class LSTM(nn.Module):
         if hx is None:
             h0, c0 = self._zero_state(data, N)
         else:
-            _check_state_pair(hx, "LSTM")
+            _check_state_pair(hx, "LSTM", self._state_sizes(N))
             h0, c0 = hx
             if h0.dim() != 3 or c0.dim() != 3:
                 raise RuntimeError("For packed input, hx and cx should be 3-D but got "
                                    f"({h0.dim()}-D, {c0.dim()}-D) tensors")
-            self._check_state_sizes(h0, c0, N)
+            self._check_states(h0, c0, N, data)
             if sorted_indices is not None:
                 h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
 
@@ -369,7 +390,7 @@ class LSTMCell(nn.Module):
             h0 = torch.zeros(N, H, dtype=input.dtype, device=input.device)
             c0 = h0
         else:
-            _check_state_pair(hx, "LSTMCell")
+            _check_state_pair(hx, "LSTMCell", ((N, H), (N, H)) if batched else ((H,), (H,)))
             for idx, value in enumerate(hx):
                 if value.dim() not in (1, 2):
                     raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got "
@@ -378,8 +399,11 @@ class LSTMCell(nn.Module):
             rank = 2 if batched else 1
             if h0.dim() != rank or c0.dim() != rank:
                 kind = "batched 2-D" if batched else "unbatched 1-D"
+                want = (N, H) if batched else (H,)
                 raise RuntimeError(f"LSTMCell: for {kind} input, hx[0] and hx[1] should also be "
-                                   f"{rank}-D but got ({h0.dim()}-D, {c0.dim()}-D) tensors")
+                                   f"{rank}-D, of shape {want}, but got ({h0.dim()}-D, "
+                                   f"{c0.dim()}-D) tensors of shapes {tuple(h0.shape)} and "
+                                   f"{tuple(c0.shape)}")
             if not batched:
                 h0, c0 = h0.unsqueeze(0), c0.unsqueeze(0)
             for idx, state in enumerate((h0, c0)):
@@ -387,6 +411,12 @@ class LSTMCell(nn.Module):
                     got = list(state.size() if batched else state.size()[1:])
                     want = (N, H) if batched else (H,)
                     raise RuntimeError(f"LSTMCell: Expected hx[{idx}] size {want}, got {got}")
+            # Autocast casts floating states with the input; nothing makes an integer state valid.
+            autocast = _autocast_dtype(input.device.type) is not None
+            for idx, state in enumerate((h0, c0)):
+                if not state.is_floating_point() or (not autocast and state.dtype != input.dtype):
+                    raise RuntimeError(f"LSTMCell: Expected hx[{idx}] dtype {input.dtype} (the "
+                                       f"input's), got {state.dtype}")
 
         w_ih, w_hh = self.weight_ih, self.weight_hh
         bias = self.bias_ih + self.bias_hh if self.bias_ih is not None else None
