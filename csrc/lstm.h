@@ -15,6 +15,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace handlstm {
 
@@ -54,9 +55,37 @@ struct CellBackwardArgs {
   int64_t n_prev;
 };
 
+// Processing order of the time loop and the number of active rows of each step.
+struct Schedule {
+  int64_t T;
+  bool reverse;
+  std::vector<int64_t> active;  // per time index t; rows [0, active[t]) are active
+
+  int64_t time(int64_t s) const { return reverse ? T - 1 - s : s; }
+  int64_t rows(int64_t s) const { return active[time(s)]; }
+};
+
+// Everything a whole time loop touches (all contiguous; shapes as in lstm_forward_impl):
+// forward reads h0, c0, w_hh, w_hr and gates (pre-activations of the input projection) and
+// fills gates (activated), cells, output and proj_in; backward reads those plus grad_output
+// (may be undefined) and fills dgates and dhs (with projection), carrying dh (N, Hout) and
+// dc (N, H) from the final state back to the initial one. dm_buf (N, H) is scratch.
+struct LoopArgs {
+  const Schedule* sch;
+  int64_t N, H, Hout;
+  bool proj;
+  at::Tensor gates, cells, output, proj_in, h0, c0, w_hh, w_hr;
+  at::Tensor grad_output, dh, dc, dgates, dhs, dm_buf;
+};
+
 struct CellKernels {
   void (*forward)(const CellForwardArgs&);
   void (*backward)(const CellBackwardArgs&);
+  // Optional whole-loop replacements. A backend may run the time loop itself (the CPU runs
+  // independent row blocks in parallel with no per-step dispatch); returning false leaves the
+  // arguments to the driver's generic loop, which calls `forward` / `backward` per step.
+  bool (*forward_loop)(const LoopArgs&) = nullptr;
+  bool (*backward_loop)(const LoopArgs&) = nullptr;
 };
 
 // (output, h_n, c_n, gates, cells, proj_in); proj_in is m (T, N, H) with projection, else empty.

@@ -125,16 +125,6 @@ Dims check_args(const char* op, const at::Tensor& input, const at::Tensor& h0,
   return d;
 }
 
-// Processing order of the time loop and the active row count of each step.
-struct Schedule {
-  int64_t T;
-  bool reverse;
-  std::vector<int64_t> active;  // per time index t
-
-  int64_t time(int64_t s) const { return reverse ? T - 1 - s : s; }
-  int64_t rows(int64_t s) const { return active[time(s)]; }
-};
-
 Schedule make_schedule(const Dims& d, const at::Tensor* batch_sizes, bool reverse) {
   Schedule sch{d.T, reverse, std::vector<int64_t>(d.T, d.N)};
   if (batch_sizes) {
@@ -151,6 +141,63 @@ at::Tensor rows(const at::Tensor& t, int64_t begin, int64_t end) {
 // Packed input leaves inactive positions untouched by the loop; they must read as zero.
 at::Tensor alloc(bool packed, at::IntArrayRef sizes, const at::TensorOptions& opts) {
   return packed ? at::zeros(sizes, opts) : at::empty(sizes, opts);
+}
+
+// The generic time loops: ATen GEMMs on row slices and the backend's pointwise hook per step.
+// Rows that continue the previous processed step read its output and c; rows that start at
+// this step (reverse direction over packed input) read h0/c0.
+void forward_steps_generic(const LoopArgs& a, const CellKernels& kernels) {
+  const Schedule& sch = *a.sch;
+  const auto w_hh_t = a.w_hh.t();
+  int64_t t_prev = -1, n_prev = 0;
+  for (int64_t s = 0; s < sch.T; ++s) {
+    const int64_t t = sch.time(s);
+    const int64_t n = sch.rows(s);
+    const int64_t n_cont = std::min(n, n_prev);
+    if (n > 0) {
+      auto g_t = rows(a.gates[t], 0, n);
+      if (n_cont > 0) rows(g_t, 0, n_cont).addmm_(rows(a.output[t_prev], 0, n_cont), w_hh_t);
+      if (n > n_cont) rows(g_t, n_cont, n).addmm_(rows(a.h0, n_cont, n), w_hh_t);
+
+      auto m_t = rows(a.proj ? a.proj_in[t] : a.output[t], 0, n);
+      kernels.forward({g_t, t_prev >= 0 ? rows(a.cells[t_prev], 0, n_cont) : at::Tensor(),
+                       a.c0, rows(a.cells[t], 0, n), m_t, n, n_cont});
+      if (a.proj) {
+        auto h_t = rows(a.output[t], 0, n);
+        at::mm_out(h_t, m_t, a.w_hr.t());
+      }
+    }
+    t_prev = t;
+    n_prev = n;
+  }
+}
+
+void backward_steps_generic(const LoopArgs& a, const CellKernels& kernels) {
+  const Schedule& sch = *a.sch;
+  for (int64_t s = sch.T - 1; s >= 0; --s) {
+    const int64_t t = sch.time(s);
+    const int64_t n = sch.rows(s);
+    if (n == 0) continue;
+    const int64_t t_prev = s > 0 ? sch.time(s - 1) : -1;
+    const int64_t n_cont = s > 0 ? std::min(n, sch.rows(s - 1)) : 0;
+
+    auto dh_n = rows(a.dh, 0, n);
+    at::Tensor dm, go;
+    if (a.proj) {
+      if (a.grad_output.defined()) dh_n.add_(rows(a.grad_output[t], 0, n));
+      rows(a.dhs[t], 0, n).copy_(dh_n);
+      dm = rows(a.dm_buf, 0, n);
+      at::mm_out(dm, dh_n, a.w_hr);
+    } else {
+      dm = dh_n;
+      if (a.grad_output.defined()) go = rows(a.grad_output[t], 0, n);
+    }
+    auto dg_t = rows(a.dgates[t], 0, n);
+    kernels.backward({rows(a.gates[t], 0, n), rows(a.cells[t], 0, n),
+                      t_prev >= 0 ? rows(a.cells[t_prev], 0, n_cont) : at::Tensor(), a.c0, dm,
+                      go, rows(a.dc, 0, n), dg_t, n, n_cont});
+    at::mm_out(dh_n, dg_t, a.w_hh);
+  }
 }
 
 }  // namespace
@@ -195,31 +242,10 @@ ForwardResult lstm_forward_impl(const at::Tensor& input_, const at::Tensor& h0_,
     }
   }
 
-  // Phase 2: per step, the recurrent GEMM into the gate slab, one fused pointwise pass, and
-  // the projection GEMM when projecting. Rows that continue the previous step read its
-  // output; rows that start at this step (reverse direction over packed input) read h0/c0.
-  const auto w_hh_t = w_hh.t();
-  int64_t t_prev = -1, n_prev = 0;
-  for (int64_t s = 0; s < d.T; ++s) {
-    const int64_t t = sch.time(s);
-    const int64_t n = sch.rows(s);
-    const int64_t n_cont = std::min(n, n_prev);
-    if (n > 0) {
-      auto g_t = rows(gates[t], 0, n);
-      if (n_cont > 0) rows(g_t, 0, n_cont).addmm_(rows(output[t_prev], 0, n_cont), w_hh_t);
-      if (n > n_cont) rows(g_t, n_cont, n).addmm_(rows(h0, n_cont, n), w_hh_t);
-
-      auto m_t = rows(d.proj ? proj_in[t] : output[t], 0, n);
-      kernels.forward({g_t, t_prev >= 0 ? rows(cells[t_prev], 0, n_cont) : at::Tensor(), c0,
-                       rows(cells[t], 0, n), m_t, n, n_cont});
-      if (d.proj) {
-        auto h_t = rows(output[t], 0, n);
-        at::mm_out(h_t, m_t, w_hr.t());
-      }
-    }
-    t_prev = t;
-    n_prev = n;
-  }
+  // Phase 2: the time loop, the backend's own when it has one.
+  const LoopArgs la{&sch, d.N, d.H, d.Hout, d.proj, gates, cells, output, proj_in, h0, c0,
+                    w_hh, w_hr};
+  if (!(kernels.forward_loop && kernels.forward_loop(la))) forward_steps_generic(la, kernels);
 
   // Phase 3: final states. A row's final state is at the last processed step where it was
   // active; rows never active keep h0/c0.
@@ -310,30 +336,9 @@ BackwardResult lstm_backward_impl(
   auto dm_buf = d.proj ? at::empty({d.N, d.H}, opts) : at::Tensor();
   auto dhs = d.proj ? alloc(packed, {d.T, d.N, d.Hout}, opts) : at::Tensor();
 
-  for (int64_t s = d.T - 1; s >= 0; --s) {
-    const int64_t t = sch.time(s);
-    const int64_t n = sch.rows(s);
-    if (n == 0) continue;
-    const int64_t t_prev = s > 0 ? sch.time(s - 1) : -1;
-    const int64_t n_cont = s > 0 ? std::min(n, sch.rows(s - 1)) : 0;
-
-    auto dh_n = rows(dh, 0, n);
-    at::Tensor dm, go;
-    if (d.proj) {
-      if (gout.defined()) dh_n.add_(rows(gout[t], 0, n));
-      rows(dhs[t], 0, n).copy_(dh_n);
-      dm = rows(dm_buf, 0, n);
-      at::mm_out(dm, dh_n, w_hr);
-    } else {
-      dm = dh_n;
-      if (gout.defined()) go = rows(gout[t], 0, n);
-    }
-    auto dg_t = rows(dgates[t], 0, n);
-    kernels.backward({rows(gates[t], 0, n), rows(cells[t], 0, n),
-                      t_prev >= 0 ? rows(cells[t_prev], 0, n_cont) : at::Tensor(), c0, dm, go,
-                      rows(dc, 0, n), dg_t, n, n_cont});
-    at::mm_out(dh_n, dg_t, w_hh);
-  }
+  const LoopArgs la{&sch, d.N, d.H, d.Hout, d.proj, gates, cells, output, proj_in, h0, c0,
+                    w_hh, w_hr, gout, dh, dc, dgates, dhs, dm_buf};
+  if (!(kernels.backward_loop && kernels.backward_loop(la))) backward_steps_generic(la, kernels);
 
   // Weight, input and bias gradients as whole-sequence GEMMs and one reduction.
   const auto dg2d = dgates.view({d.T * d.N, d.G});
