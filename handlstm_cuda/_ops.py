@@ -158,6 +158,9 @@ class LSTMFunction(torch.autograd.Function):
         input, h0, c0, weight_ih, weight_hh, bias, weight_hr, batch_sizes, reverse = inputs
         out, _, _, gates, cells, proj_in = output
         ctx.mark_non_differentiable(gates, cells, proj_in)
+        # Unused outputs (h_n, c_n, and always the saved activations) arrive as None rather than
+        # as freshly zero-filled tensors; the backward op takes None for "no gradient".
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(input, h0, c0, weight_ih, weight_hh, bias, weight_hr, batch_sizes,
                               out, gates, cells, proj_in)
         ctx.reverse = reverse
