@@ -84,14 +84,20 @@ void cell_backward_cpu(const CellBackwardArgs& a) {
 // (or a small N) there is one block. Results do not depend on the block boundaries except
 // through the BLAS kernel chosen for a block's row count, which can round differently.
 
+// The BLAS that libtorch links (MKL on x86 wheels, OpenBLAS elsewhere) exports the Fortran
+// GEMMs. They are declared weak so that the extension still loads on a torch without them;
+// the loops then leave the work to the driver's generic ATen loop. (MKL's packed GEMM was
+// tried for the recurrent weight and measured slower here at the seed's sizes.)
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc);
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b,
-            const int* ldb, const double* beta, double* c, const int* ldc);
+            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
 }
+
+bool have_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
 
 // Row-major C (M x Nc) = A (M x K) * op(B) + beta * C, where op(B) = B^T for B stored (Nc x K)
 // (trans_b) or B for B stored (K x Nc). Expressed as the column-major product C^T = op(B)^T A^T.
@@ -225,7 +231,7 @@ template <void (*Block32)(const LoopArgs&, int64_t, int64_t),
           void (*Block64)(const LoopArgs&, int64_t, int64_t)>
 bool run_blocks(const LoopArgs& a) {
   const auto dt = a.gates.scalar_type();
-  if ((dt != at::kFloat && dt != at::kDouble) || !blas_sizes_ok(a)) return false;
+  if ((dt != at::kFloat && dt != at::kDouble) || !have_blas() || !blas_sizes_ok(a)) return false;
   const int64_t blocks = std::clamp<int64_t>(a.N / kMinBlockRows, 1, at::get_num_threads());
   const int64_t per = (a.N + blocks - 1) / blocks;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {

@@ -223,6 +223,22 @@ def test_cpu_float_gate_math_matches_float64():
     assert rel.max().item() < 4 * 2.0**-23
 
 
+def test_cpu_float_gate_math_saturates_exactly_and_keeps_nan():
+    """Beyond the exp clamp range the gates saturate to exact 0 / 1 / +-1, and NaN stays NaN
+    (the clamp inside the CPU exp would drop it if it were not restored)."""
+    x = torch.tensor([-1e30, -100.0, -88.9, 88.9, 100.0, 1e30, float("nan")])
+    N = x.numel()
+    zeros = torch.zeros(N, 1)
+    _, _, c = hl.lstm(x.view(1, N, 1), zeros, zeros, torch.tensor([[0.0], [0.0], [1.0], [0.0]]),
+                      torch.zeros(4, 1))
+    assert (2 * c.view(-1)[:6]).tolist() == [-1.0, -1.0, -1.0, 1.0, 1.0, 1.0]
+    assert torch.isnan(c.view(-1)[6])
+    _, _, c = hl.lstm(x.view(1, N, 1), zeros, zeros, torch.tensor([[1.0], [0.0], [0.0], [0.0]]),
+                      torch.zeros(4, 1), torch.tensor([0.0, 0.0, 30.0, 0.0]))
+    assert c.view(-1)[:6].tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    assert torch.isnan(c.view(-1)[6])
+
+
 def test_zero_length_sequence_returns_initial_state():
     args = make_args(0, 3, 4, 5)
     out, h_n, c_n = _call(args)

@@ -42,21 +42,49 @@ struct GateMath<at::vec::Vectorized<double>> {
   static V tanh(V x) { return x.tanh(); }
 };
 
-// float: SLEEF's vector tanhf and expm1f measured ~5-8x slower than its expf here, and tanh is
-// two of the five transcendentals per element. So tanh is built on expf:
+// float: exp is five of the gate math's transcendentals per element (three sigmoids, and the
+// two tanh built on it below), and SLEEF's vector expf, an out-of-line call with full special-
+// case handling, was the top hot spot. So exp is inline here, the classic Cephes scheme:
+//   exp(x) = 2^n e^r,  n = round(x log2 e),  r = x - n ln 2 (ln 2 split in two for exactness),
+//   e^r by a degree-6 polynomial on |r| <= ln(2)/2; about 1 ulp on the clamped range.
+// x is clamped to [-87.336, 88.8]: the bottom gives FLT_MIN (no denormal exponent arithmetic),
+// the top makes 2^n overflow to +inf exactly where it should for the sigmoid's 1 / (1 + e^-x)
+// to saturate to 0. NaN is restored after the clamp, which would otherwise drop it.
+//
+// tanh: SLEEF's vector tanhf measured ~8x slower than its expf, so it is built on exp too:
 //   |x| >= 0.25: 1 - 2 / (e^{2|x|} + 1)   (result >= 0.24, so the subtraction loses < 1 ulp)
 //   |x| <  0.25: odd Taylor polynomial to x^9 (truncation < 1e-8 relative)
 // and the sign is copied back from x. e^{2|x|} overflowing to inf gives exactly 1; NaN stays
-// NaN (the comparison is false for NaN, so it takes the exp branch). Checked against float64
-// tanh in tests/test_gate_math.py.
+// NaN. Both are checked against float64 in tests/test_op.py.
 template <>
 struct GateMath<at::vec::Vectorized<float>> {
   using V = at::vec::Vectorized<float>;
-  static V exp(V x) { return x.exp(); }
+
+  static V exp(V xv) {
+    const __m256 x_in = xv;
+    __m256 x = _mm256_min_ps(_mm256_max_ps(x_in, _mm256_set1_ps(-87.336544f)),
+                             _mm256_set1_ps(88.8f));
+    const __m256 n = _mm256_floor_ps(
+        _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 r = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    return V(_mm256_blendv_ps(r, x_in, _mm256_cmp_ps(x_in, x_in, _CMP_UNORD_Q)));
+  }
+
   static V tanh(V x) {
     const V a = x.abs();
     const V one(1.0f), two(2.0f);
-    const V large = one - two / ((a * two).exp() + one);
+    const V large = one - two / (exp(a * two) + one);
     const V a2 = a * a;
     V poly(62.0f / 2835.0f);
     poly = at::vec::fmadd(poly, a2, V(-17.0f / 315.0f));
