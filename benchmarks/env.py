@@ -114,6 +114,10 @@ def ours_description(hl):
     has = getattr(hl, "has_cuda_kernels", None)
     if has is not None:
         parts.append(f"has_cuda_kernels={has()}")
+    native = getattr(getattr(hl, "_C", None), "__file__", None)
+    if native:
+        built = datetime.datetime.fromtimestamp(os.path.getmtime(native)).astimezone()
+        parts.append(f"extension built {built.isoformat(timespec='seconds')}")
     return ", ".join(parts)
 
 
