@@ -138,6 +138,16 @@ at::Tensor rows(const at::Tensor& t, int64_t begin, int64_t end) {
   return t.narrow(0, begin, end - begin);
 }
 
+// The kernels address raw memory: every operand in the dense row-major layout.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+contiguous_operands(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+                    const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                    const std::optional<at::Tensor>& weight_hr) {
+  return {input.contiguous(), h0.contiguous(),        c0.contiguous(),
+          weight_ih.contiguous(), weight_hh.contiguous(),
+          opt(weight_hr) ? weight_hr->contiguous() : at::Tensor()};
+}
+
 // Packed input leaves inactive positions untouched by the loop; they must read as zero.
 at::Tensor alloc(bool packed, at::IntArrayRef sizes, const at::TensorOptions& opts) {
   return packed ? at::zeros(sizes, opts) : at::empty(sizes, opts);
@@ -218,12 +228,8 @@ ForwardResult lstm_forward_impl(const at::Tensor& input_, const at::Tensor& h0_,
   const bool packed = opt(batch_sizes_) != nullptr;
   const Schedule sch = make_schedule(d, opt(batch_sizes_), reverse);
 
-  const auto x = input_.contiguous();
-  const auto h0 = h0_.contiguous();
-  const auto c0 = c0_.contiguous();
-  const auto w_ih = weight_ih_.contiguous();
-  const auto w_hh = weight_hh_.contiguous();
-  const auto w_hr = d.proj ? weight_hr_->contiguous() : at::Tensor();
+  const auto [x, h0, c0, w_ih, w_hh, w_hr] =
+      contiguous_operands(input_, h0_, c0_, weight_ih_, weight_hh_, weight_hr_);
 
   const auto opts = x.options();
   auto gates = alloc(packed, {d.T, d.N, d.G}, opts);
@@ -317,12 +323,8 @@ BackwardResult lstm_backward_impl(
     check_shape(op, *a.t, a.name, a.symbolic, a.shape);
   }
 
-  const auto x = input_.contiguous();
-  const auto h0 = h0_.contiguous();
-  const auto c0 = c0_.contiguous();
-  const auto w_ih = weight_ih_.contiguous();
-  const auto w_hh = weight_hh_.contiguous();
-  const auto w_hr = d.proj ? weight_hr_->contiguous() : at::Tensor();
+  const auto [x, h0, c0, w_ih, w_hh, w_hr] =
+      contiguous_operands(input_, h0_, c0_, weight_ih_, weight_hh_, weight_hr_);
   const auto output = output_.contiguous();
   const auto gates = gates_.contiguous();
   const auto cells = cells_.contiguous();

@@ -25,6 +25,16 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: at these tiny sizes thread hand-offs cost more than they
+    save on a small shared machine, and no result depends on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def device_params():
     """cpu always, cuda as a marked parameter (skipped without a GPU)."""
     return [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]

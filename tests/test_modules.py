@@ -27,15 +27,9 @@ from handlstm_cuda import modules as hl_modules
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 # nn.LSTM's float32 CPU path notes once that oneDNN lacks projections; not our concern here.
-pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
+pytestmark = [pytest.mark.filterwarnings("ignore:LSTM with projections is not supported"),
+              pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def assert_close(ours, ref, dtype, what=""):

@@ -28,17 +28,9 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id="f64")]
 
 # nn.LSTM's float32 CPU path notes once that oneDNN lacks projections; not our concern here.
-pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
+pytestmark = [pytest.mark.filterwarnings("ignore:LSTM with projections is not supported"),
+              pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # One intra-op thread: on a small shared machine ATen's thread hand-offs per time step cost
-    # more than they save at these sizes, and results do not depend on it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def assert_close(ours, ref, dtype, what=""):

@@ -27,15 +27,10 @@ from examples.trajectory.model import (
 HANDLSTM_REASON = handlstm_unavailable_reason()
 needs_handlstm = pytest.mark.skipif(HANDLSTM_REASON is not None, reason=str(HANDLSTM_REASON))
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(epochs=6, batch_size=32, lr=1e-2, hidden=16, head=16)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
