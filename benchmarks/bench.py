@@ -472,8 +472,9 @@ def main(argv=None):
     meta["wall_s"] = f"{time.perf_counter() - runner.start:.0f}"
 
     notes = []
-    # Other processes' share of the CPUs, above which the torch threads had to wait for cores.
-    crowded = others is not None and others > max(0.1, 1 - args.threads / cpus - 0.1)
+    # Other processes' share of the machine beyond the cores the torch threads left free (plus
+    # a margin of 10% of the machine): past that, the torch threads had to wait for cores.
+    crowded = others is not None and others > max(0.0, 1 - args.threads / cpus) + 0.1
     if device.type == "cpu" and (crowded if others is not None else busy):
         notes.append(
             f"WARNING: the machine was busy (load average {load_before[0]:.2f} at the start; "
