@@ -211,11 +211,13 @@ class LSTM(nn.Module):
         Hout = self.proj_size if self.proj_size > 0 else self.hidden_size
         return (LD, N, Hout), (LD, N, self.hidden_size)
 
-    def _check_states(self, h0, c0, N, ref):
+    def _check_states(self, h0, c0, N, ref, unbatched=False):
         """Sizes with nn.LSTM's message, then dtypes, which nn.LSTM leaves to its backend.
 
-        h0, c0: the 3-D states as given; ref: the input (or packed data), whose dtype they must
-        share outside autocast (which casts them along with the input).
+        h0, c0: the 3-D states (unbatched ones after unsqueeze(1)); ref: the input (or packed
+        data), whose dtype they must share outside autocast (which casts them along with the
+        input). For unbatched states nn.LSTM's message shows the unsqueezed shape, so the
+        shape the caller passed is added after it.
         """
         h_size, c_size = self._state_sizes(N)
         for idx, (state, expected) in enumerate(((h0, h_size), (c0, c_size))):
@@ -224,6 +226,10 @@ class LSTM(nn.Module):
                 if self.batch_first and state.size() == (expected[1], expected[0], expected[2]):
                     hint = ("; hx is (num_layers * num_directions, N, H) even with "
                             "batch_first=True")
+                if unbatched:
+                    given = tuple(state.squeeze(1).shape)
+                    hint = (f"; for unbatched input hx[{idx}] must have shape "
+                            f"{(expected[0], expected[2])}, got {given}")
                 raise RuntimeError(
                     f"Expected hidden[{idx}] size {expected}, got {list(state.size())}{hint}")
         autocast = _autocast_dtype(ref.device.type) is not None
@@ -297,7 +303,7 @@ class LSTM(nn.Module):
                                    f"({h0.dim()}-D, {c0.dim()}-D) tensors")
             if not batched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-            self._check_states(h0, c0, N, x)
+            self._check_states(h0, c0, N, x, unbatched=not batched)
 
         out, h_n, c_n = self._stack(x, h0, c0, None)
 

@@ -196,13 +196,10 @@ def test_lstm_unbatched_input_with_batched_states_is_an_error(device):
         m(_r(7, 5, device=device), (_r(3, 3, device=device), _r(3, 3, device=device)))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "nn.LSTM reports the unbatched state after adding the batch dimension ([3, 1, 3] for a "
-    "(3, 3) tensor) and tests/test_modules.py requires that message word for word; remove "
-    "this mark when the unbatched case is allowed to differ from nn.LSTM"))
 def test_lstm_unbatched_state_error_reports_the_callers_shape():
     m = hl.LSTM(5, 3)
-    with pytest.raises(RuntimeError, match=re.escape("got [3, 3]")):
+    with pytest.raises(RuntimeError, match=re.escape(
+            "for unbatched input hx[0] must have shape (1, 3), got (3, 3)")):
         m(_r(7, 5), (_r(3, 3), _r(3, 3)))
 
 
