@@ -66,6 +66,7 @@ def extensions():
         "csrc/lstm_driver.cpp",
         "csrc/lstm_cpu.cpp",
         "csrc/cpu/cell_cpu_avx2.cpp",
+        "csrc/cpu/cell_cpu_avx512.cpp",
     ]
     cxx = list(opt)
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")])

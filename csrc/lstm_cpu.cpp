@@ -4,6 +4,8 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <atomic>
+#include <string>
 #include <limits>
 #include <type_traits>
 
@@ -16,13 +18,47 @@
 namespace handlstm {
 namespace {
 
-bool cpu_has_avx2() {
+// The widest SIMD path this CPU runs; tests may pick a narrower one (set_cpu_pointwise_path).
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa detect_isa() {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    return Isa::kAvx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
+  return Isa::kScalar;
+}
+
+std::atomic<Isa>& active_isa() {
+  static std::atomic<Isa> isa{detect_isa()};
+  return isa;
+}
+
+template <typename T>
+void forward_rows_best(const cpu::ForwardRows<T>& p, int64_t begin, int64_t end) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    switch (active_isa().load(std::memory_order_relaxed)) {
+      case Isa::kAvx512: return cpu::forward_rows_avx512(p, begin, end);
+      case Isa::kAvx2: return cpu::forward_rows_avx2(p, begin, end);
+      case Isa::kScalar: break;
+    }
+  }
+  cpu::forward_rows<T, at::opmath_type<T>, cpu::NoVec>(p, begin, end);
+}
+
+template <typename T>
+void backward_rows_best(const cpu::BackwardRows<T>& p, int64_t begin, int64_t end) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    switch (active_isa().load(std::memory_order_relaxed)) {
+      case Isa::kAvx512: return cpu::backward_rows_avx512(p, begin, end);
+      case Isa::kAvx2: return cpu::backward_rows_avx2(p, begin, end);
+      case Isa::kScalar: break;
+    }
+  }
+  cpu::backward_rows<T, at::opmath_type<T>, cpu::NoVec>(p, begin, end);
 }
 
 // Rows per parallel chunk: ~4k gate elements (~10 us of SIMD work), enough to pay for a
@@ -41,10 +77,7 @@ void cell_forward_cpu_typed(const CellForwardArgs& a) {
                                      a.c0.const_data_ptr<scalar_t>(), a.c_out.data_ptr<scalar_t>(),
                                      a.m_out.data_ptr<scalar_t>(), a.c0.size(1), a.n_prev};
   at::parallel_for(0, a.n, grain_rows(p.H), [&](int64_t begin, int64_t end) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      if (cpu_has_avx2()) return cpu::forward_rows_avx2(p, begin, end);
-    }
-    cpu::forward_rows<scalar_t, acc_t, cpu::NoVec>(p, begin, end);
+    forward_rows_best<scalar_t>(p, begin, end);
   });
 }
 
@@ -58,10 +91,7 @@ void cell_backward_cpu_typed(const CellBackwardArgs& a) {
       a.dc.data_ptr<scalar_t>(),          a.dgates.data_ptr<scalar_t>(),
       a.c0.size(1),                       a.n_prev};
   at::parallel_for(0, a.n, grain_rows(p.H), [&](int64_t begin, int64_t end) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      if (cpu_has_avx2()) return cpu::backward_rows_avx2(p, begin, end);
-    }
-    cpu::backward_rows<scalar_t, acc_t, cpu::NoVec>(p, begin, end);
+    backward_rows_best<scalar_t>(p, begin, end);
   });
 }
 
@@ -166,11 +196,7 @@ void forward_block(const LoopArgs& a, int64_t r0, int64_t r1) {
                                 t_prev >= 0 ? cells + t_prev * N * H : nullptr,
                                 a.c0.const_data_ptr<T>(), cells + t * N * H,
                                 m + t * N * H, H, r0 + n_cont};
-    if (cpu_has_avx2()) {
-      cpu::forward_rows_avx2(p, r0, r0 + n);
-    } else {
-      cpu::forward_rows<T, T, cpu::NoVec>(p, r0, r0 + n);
-    }
+    forward_rows_best<T>(p, r0, r0 + n);
     if (a.proj) {
       gemm_rowmajor<T>(true, n, Hout, H, m + (t * N + r0) * H, H, w_hr, H, T(0),
                        out + (t * N + r0) * Hout, Hout);
@@ -214,11 +240,7 @@ void backward_block(const LoopArgs& a, int64_t r0, int64_t r1) {
                                  t_prev >= 0 ? cells + t_prev * N * H : nullptr,
                                  a.c0.const_data_ptr<T>(), dm, go_t, dc, dgates + t * N * G, H,
                                  r0 + n_cont};
-    if (cpu_has_avx2()) {
-      cpu::backward_rows_avx2(p, r0, r0 + n);
-    } else {
-      cpu::backward_rows<T, T, cpu::NoVec>(p, r0, r0 + n);
-    }
+    backward_rows_best<T>(p, r0, r0 + n);
     gemm_rowmajor<T>(false, n, Hout, G, dgates + (t * N + r0) * G, G, w_hh, Hout, T(0),
                      dh + r0 * Hout, Hout);
   }
@@ -283,8 +305,21 @@ BackwardResult lstm_backward_cpu(
 
 }  // namespace
 
-// Which pointwise path the CPU backend takes on this machine ("avx2" or "scalar").
-const char* cpu_pointwise_path() { return cpu_has_avx2() ? "avx2" : "scalar"; }
+// Which pointwise path the CPU backend takes: "avx512", "avx2" or "scalar".
+const char* cpu_pointwise_path() {
+  static const char* names[] = {"scalar", "avx2", "avx512"};
+  return names[static_cast<int>(active_isa().load())];
+}
+
+// Picks a pointwise path no wider than the CPU supports (for tests of every path).
+void set_cpu_pointwise_path(const std::string& name) {
+  const Isa want = name == "avx512" ? Isa::kAvx512 : name == "avx2" ? Isa::kAvx2 : Isa::kScalar;
+  TORCH_CHECK(name == "avx512" || name == "avx2" || name == "scalar",
+              "set_cpu_pointwise_path: expected 'avx512', 'avx2' or 'scalar', got '", name, "'");
+  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(detect_isa()),
+              "set_cpu_pointwise_path: this CPU cannot run '", name, "'");
+  active_isa().store(want);
+}
 
 TORCH_LIBRARY_IMPL(handlstm, CPU, m) {
   m.impl("lstm_forward", &lstm_forward_cpu);

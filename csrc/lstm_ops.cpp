@@ -8,6 +8,7 @@
 
 namespace handlstm {
 const char* cpu_pointwise_path();
+void set_cpu_pointwise_path(const std::string& name);
 }
 
 TORCH_LIBRARY(handlstm, m) {
@@ -40,5 +41,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "Whether this build registered CUDA kernels.");
   m.def("cpu_pointwise_path", [] { return std::string(handlstm::cpu_pointwise_path()); },
-        "The CPU pointwise path chosen at run time: 'avx2' or 'scalar'.");
+        "The CPU pointwise path in use: 'avx512', 'avx2' or 'scalar' (chosen at load time).");
+  m.def("_set_cpu_pointwise_path", &handlstm::set_cpu_pointwise_path,
+        "Use a narrower CPU pointwise path (tests run every path the CPU has).");
 }

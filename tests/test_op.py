@@ -200,8 +200,43 @@ def test_low_precision_error_relative_to_baseline(device, dtype):
         assert err_ours <= 2.0 * err_base + 1e-3, (err_ours, err_base)
 
 
-def test_cpu_float_gate_math_matches_float64():
-    """The CPU float SIMD path builds tanh from exp; check it across the whole range.
+CPU_PATHS = ["avx512", "avx2", "scalar"]
+
+
+@pytest.fixture(params=CPU_PATHS)
+def cpu_path(request):
+    """Runs the test on one of the CPU pointwise paths (SIMD units chosen at run time); paths
+    this CPU cannot run are skipped."""
+    from handlstm_cuda import _C
+
+    before = hl.cpu_pointwise_path()
+    try:
+        _C._set_cpu_pointwise_path(request.param)
+    except RuntimeError:
+        pytest.skip(f"this CPU cannot run the {request.param} path")
+    yield request.param
+    _C._set_cpu_pointwise_path(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_every_cpu_path_matches_reference(cpu_path, dtype):
+    """H = 37: one 16-lane and one 8-lane block plus a scalar tail on every SIMD path."""
+    args = make_args(5, 4, 3, 37, 0, dtype=dtype, seed=9)
+    x, h0, c0, w_ih, w_hh, b, w_hr = args
+    ours = _call(args)
+    args64 = [None if t is None else t.detach().double().requires_grad_() for t in args]
+    ref = reference.lstm(*args64[:6])
+    g = [torch.randn(t.shape, dtype=torch.float64) for t in ours]
+    ours_g = torch.autograd.grad(ours, _diff_inputs(args), [t.to(dtype) for t in g])
+    ref_g = torch.autograd.grad(ref, _diff_inputs(tuple(args64)), g)
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+    for a, e in zip(list(ours) + list(ours_g), list(ref) + list(ref_g)):
+        torch.testing.assert_close(a.double(), e, **tol)
+
+
+def test_cpu_float_gate_math_matches_float64(cpu_path):
+    """The CPU float SIMD paths build tanh (and on AVX2, exp) themselves; check them across the
+    whole range.
 
     With weight_ih = [0, 0, 1, 0]^T and no recurrence, i = f = o = 1/2 and g = tanh(x), so
     c = tanh(x) / 2 exposes tanh. A second run exposes sigmoid through i with g = 1."""
@@ -223,7 +258,7 @@ def test_cpu_float_gate_math_matches_float64():
     assert rel.max().item() < 4 * 2.0**-23
 
 
-def test_cpu_float_gate_math_saturates_exactly_and_keeps_nan():
+def test_cpu_float_gate_math_saturates_exactly_and_keeps_nan(cpu_path):
     """Beyond the exp clamp range the gates saturate to exact 0 / 1 / +-1, and NaN stays NaN
     (the clamp inside the CPU exp would drop it if it were not restored)."""
     x = torch.tensor([-1e30, -100.0, -88.9, 88.9, 100.0, 1e30, float("nan")])

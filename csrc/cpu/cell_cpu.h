@@ -1,9 +1,9 @@
 // Row-range pointwise kernels of the CPU backend, on raw pointers.
 //
-// The same template serves two translation units: cell_cpu_avx2.cpp instantiates it with an
-// 8-wide SIMD vector type (compiled for AVX2+FMA whatever the build's flags), lstm_cpu.cpp with
-// no vector type (plain C++). lstm_cpu.cpp picks one at run time after checking the CPU, so the
-// extension still loads and runs on a machine without AVX2.
+// The same template serves three translation units: cell_cpu_avx512.cpp and cell_cpu_avx2.cpp
+// instantiate it with 16- and 8-wide SIMD vector types (each compiled for its ISA whatever the
+// build's flags), lstm_cpu.cpp with no vector type (plain C++). lstm_cpu.cpp picks one at run
+// time after checking the CPU, so the extension still loads and runs on any x86-64 machine.
 //
 // Layout (shape vocabulary in ../gate_math.h): for active rows [begin, end) of one step,
 //   gates (n, 4H) row-major with gate blocks i, f, g, o;  c_prev (n_prev, H); c0 (N, H);
@@ -131,11 +131,16 @@ void backward_rows(const BackwardRows<scalar_t>& p, int64_t begin, int64_t end) 
   }
 }
 
-// The AVX2 instantiations (cell_cpu_avx2.cpp); call only when the CPU has AVX2 and FMA.
+// The SIMD instantiations: cell_cpu_avx2.cpp (call only when the CPU has AVX2 and FMA) and
+// cell_cpu_avx512.cpp (AVX-512 F/BW/VL/DQ).
 void forward_rows_avx2(const ForwardRows<float>& p, int64_t begin, int64_t end);
 void forward_rows_avx2(const ForwardRows<double>& p, int64_t begin, int64_t end);
 void backward_rows_avx2(const BackwardRows<float>& p, int64_t begin, int64_t end);
 void backward_rows_avx2(const BackwardRows<double>& p, int64_t begin, int64_t end);
+void forward_rows_avx512(const ForwardRows<float>& p, int64_t begin, int64_t end);
+void forward_rows_avx512(const ForwardRows<double>& p, int64_t begin, int64_t end);
+void backward_rows_avx512(const BackwardRows<float>& p, int64_t begin, int64_t end);
+void backward_rows_avx512(const BackwardRows<double>& p, int64_t begin, int64_t end);
 
 }  // namespace cpu
 }  // namespace handlstm

@@ -4,7 +4,7 @@
 // flags, and includes nothing but ATen's vector header and our own headers, so no code built
 // for AVX2 can be shared with (and run by) the rest of the extension. ATen's vector types live
 // in the namespace named by CPU_CAPABILITY, which keeps them apart from any other build of the
-// same header. Their exp and tanh call SLEEF, which libtorch_cpu exports.
+// same header. SLEEF (exported by libtorch_cpu) serves double; float uses the exp below.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC target("avx2,fma")
 // ATen's headers pass AVX vectors by value; the ABI note GCC prints for that is irrelevant here
@@ -29,18 +29,9 @@
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 
-#include <ATen/cpu/vec/vec.h>
-
-#include "cell_cpu.h"
+#include "cell_cpu_simd.h"
 
 namespace handlstm {
-
-template <>
-struct GateMath<at::vec::Vectorized<double>> {
-  using V = at::vec::Vectorized<double>;
-  static V exp(V x) { return x.exp(); }
-  static V tanh(V x) { return x.tanh(); }
-};
 
 // float: exp is five of the gate math's transcendentals per element (three sigmoids, and the
 // two tanh built on it below), and SLEEF's vector expf, an out-of-line call with full special-
@@ -50,12 +41,6 @@ struct GateMath<at::vec::Vectorized<double>> {
 // x is clamped to [-87.336, 88.8]: the bottom gives FLT_MIN (no denormal exponent arithmetic),
 // the top makes 2^n overflow to +inf exactly where it should for the sigmoid's 1 / (1 + e^-x)
 // to saturate to 0. NaN is restored after the clamp, which would otherwise drop it.
-//
-// tanh: SLEEF's vector tanhf measured ~8x slower than its expf, so it is built on exp too:
-//   |x| >= 0.25: 1 - 2 / (e^{2|x|} + 1)   (result >= 0.24, so the subtraction loses < 1 ulp)
-//   |x| <  0.25: odd Taylor polynomial to x^9 (truncation < 1e-8 relative)
-// and the sign is copied back from x. e^{2|x|} overflowing to inf gives exactly 1; NaN stays
-// NaN. Both are checked against float64 in tests/test_op.py.
 template <>
 struct GateMath<at::vec::Vectorized<float>> {
   using V = at::vec::Vectorized<float>;
@@ -81,38 +66,12 @@ struct GateMath<at::vec::Vectorized<float>> {
     return V(_mm256_blendv_ps(r, x_in, _mm256_cmp_ps(x_in, x_in, _CMP_UNORD_Q)));
   }
 
-  static V tanh(V x) {
-    const V a = x.abs();
-    const V one(1.0f), two(2.0f);
-    const V large = one - two / (exp(a * two) + one);
-    const V a2 = a * a;
-    V poly(62.0f / 2835.0f);
-    poly = at::vec::fmadd(poly, a2, V(-17.0f / 315.0f));
-    poly = at::vec::fmadd(poly, a2, V(2.0f / 15.0f));
-    poly = at::vec::fmadd(poly, a2, V(-1.0f / 3.0f));
-    poly = at::vec::fmadd(poly, a2, one);
-    const V small = a * poly;
-    return V::blendv(large, small, a < V(0.25f)).copysign(x);
-  }
+  static V tanh(V x) { return tanh_from_exp(x); }
 };
 
-namespace cpu {
-
-void forward_rows_avx2(const ForwardRows<float>& p, int64_t begin, int64_t end) {
-  forward_rows<float, float, at::vec::Vectorized<float>>(p, begin, end);
-}
-void forward_rows_avx2(const ForwardRows<double>& p, int64_t begin, int64_t end) {
-  forward_rows<double, double, at::vec::Vectorized<double>>(p, begin, end);
-}
-void backward_rows_avx2(const BackwardRows<float>& p, int64_t begin, int64_t end) {
-  backward_rows<float, float, at::vec::Vectorized<float>>(p, begin, end);
-}
-void backward_rows_avx2(const BackwardRows<double>& p, int64_t begin, int64_t end) {
-  backward_rows<double, double, at::vec::Vectorized<double>>(p, begin, end);
-}
-
-}  // namespace cpu
 }  // namespace handlstm
+
+HANDLSTM_DEFINE_ROW_KERNELS(avx2)
 
 #if defined(__clang__)
 #pragma clang attribute pop
