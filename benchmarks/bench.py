@@ -388,9 +388,12 @@ def main(argv=None):
         cases = [c for c in cases if c.group in groups]
 
     hl = ref = None
+    ours_desc = "not timed"
     if "ours" in args.impl_list:
         try:
             hl = impls.load_ours(device)
+            # Now, not at the end: a rebuild during the run must not change what is reported.
+            ours_desc = env.ours_description(hl)
         except impls.OursUnavailable as e:
             print(f"error: cannot benchmark 'ours': {e}", file=sys.stderr)
             return 2
@@ -454,7 +457,7 @@ def main(argv=None):
             f"a point passes {t.cpu_max_time}s); median of per-call block means; {args.sets} "
             f"input sets rotated; grads set to None inside each call"
         )
-    meta = env.collect(args, device, settings, hl, runner.baselines, timing_desc,
+    meta = env.collect(args, device, settings, ours_desc, runner.baselines, timing_desc,
                        runner.data_sources)
     meta["loadavg"] = (
         f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (1-min; other work on the "

@@ -108,8 +108,7 @@ def git_describe():
 
 
 def ours_description(hl):
-    if hl is None:
-        return "not timed"
+    """Version, CUDA kernels and build time of the extension, read when it is imported."""
     parts = [str(getattr(hl, "__version__", "version unknown"))]
     has = getattr(hl, "has_cuda_kernels", None)
     if has is not None:
@@ -121,7 +120,7 @@ def ours_description(hl):
     return ", ".join(parts)
 
 
-def collect(args, device, settings, hl, baselines, timing_desc, data_sources):
+def collect(args, device, settings, ours, baselines, timing_desc, data_sources):
     is_cuda = device.type == "cuda"
     gpu = torch.cuda.get_device_name(device) if is_cuda else "none (CPU run)"
     tf32 = sorted({s.tf32 for s in settings})
@@ -150,7 +149,7 @@ def collect(args, device, settings, hl, baselines, timing_desc, data_sources):
             else " (CPU run)"
         ),
         "baseline": "torch.nn.LSTM -> " + ", ".join(sorted(baselines) or ["not run"]),
-        "ours": ours_description(hl),
+        "ours": ours,
         "timing": timing_desc,
         "data": ", ".join(sorted(data_sources)) or "none",
         "git": git_describe(),
