@@ -32,7 +32,8 @@ from .timing import paired_ratio, time_cpu, time_cuda
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# err_vs_torch above this marks the row: the timed op may not compute the same function.
+# err_vs_torch above this gets a warning under the table: the timed op may not compute the
+# same function as nn.LSTM.
 ERROR_LIMIT = {"float32": 1e-3, "tf32": 3e-2, "bfloat16": 5e-2, "float16": 3e-2}
 
 
@@ -366,8 +367,8 @@ class _NoBar:
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     preset = PRESETS[args.preset]
-    if args.threads < 1:
-        raise SystemExit("error: --threads must be at least 1")
+    if args.threads < 1 or args.sets < 1:
+        raise SystemExit("error: --threads and --sets must be at least 1")
     torch.set_num_threads(args.threads)
 
     if args.device == "auto":
@@ -431,9 +432,12 @@ def main(argv=None):
         )
     contention = env.CpuContention()
     bar = _progress(total, args.no_progress)
+    interrupted = False
     try:
         for (_, setting), (_, case) in blocks:
             runner.run_block(setting, case, modes, bar)
+    except KeyboardInterrupt:
+        interrupted = True  # write what was measured so far
     finally:
         bar.close()
     load_after = os.getloadavg()
@@ -465,8 +469,8 @@ def main(argv=None):
     )
     if device.type == "cuda":
         meta["tf32_effective"] = "; ".join(
-            f"{t}: {tf32_readback(Setting('float32', t))}"
-            for t in dict.fromkeys(st.tf32 for st in settings if st.tf32 != "n/a")
+            f"{flag}: {tf32_readback(Setting('float32', flag))}"
+            for flag in dict.fromkeys(st.tf32 for st in settings if st.tf32 != "n/a")
         )
     meta["other_cpu_use"] = (
         "unknown" if others is None
@@ -498,6 +502,8 @@ def main(argv=None):
     errors = sorted({(r["impl"], r["status"]) for r in rows if r["status"].startswith("error")})
     for impl, status in errors:
         notes.append(f"{impl}: {status}")
+    if interrupted:
+        notes.append("Interrupted (Ctrl-C): the points after the last row were not run.")
     skipped = sum(r["status"].startswith("skipped") for r in rows)
     if skipped:
         notes.append(f"{skipped} points were skipped: the --budget of {args.budget}s ran out.")
