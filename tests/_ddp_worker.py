@@ -62,5 +62,9 @@ def run(rank, world_size, init_file, out_path):
         train(ddp, x[shard], y[shard])
         if rank == 0:
             torch.save(model.state_dict(), out_path)
+        # Both ranks leave together: a rank that tears gloo down while its peer is still
+        # talking to it can abort the peer ("terminate called without an active exception",
+        # seen once on a loaded 2-core CI machine with torch 2.13).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
