@@ -1,7 +1,7 @@
 """Benchmark handlstm_cuda against torch.nn.LSTM (cuDNN on GPU, oneDNN/ATen on CPU) and the
 pure-PyTorch reference loop.
 
-    python -m benchmarks.bench            # default preset: a few minutes on 2 CPU cores
+    python -m benchmarks.bench            # default preset: about 5 minutes on 2 CPU cores
     python -m benchmarks.bench --quick    # the two target workloads and one point per sweep
     python -m benchmarks.bench --full     # the whole sweep
     python -m benchmarks.bench --help
