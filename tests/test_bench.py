@@ -216,3 +216,47 @@ def test_cpu_timer_rounds_align():
     assert all(s.median > 0 and s.p25 <= s.median <= s.p75 for s in stats.values())
     med, lo, hi = paired_ratio(stats["ours"].samples, stats["torch"].samples)
     assert 0 < lo <= med <= hi
+
+
+def test_cuda_timer_logic_with_fake_events(monkeypatch):
+    """time_cuda's bookkeeping (warm-up, rounds, pairing, peak memory) without a GPU: events
+    read the host clock, and synchronize / memory queries are stubbed."""
+    import time as _time
+
+    from benchmarks.cases import Timing
+    from benchmarks.timing import time_cuda
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = _time.perf_counter()
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3  # milliseconds, as CUDA's
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 1000)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 1000 + 2**20)
+
+    calls = {"ours": 0, "torch": 0}
+    cleared = {"ours": 0, "torch": 0}
+    a = torch.randn(128, 128)
+
+    def step(name):
+        calls[name] += 1
+        a @ a
+
+    steps = {n: (lambda n=n: step(n)) for n in calls}
+    clears = {n: (lambda n=n: cleared.__setitem__(n, cleared[n] + 1)) for n in calls}
+    timing = Timing(0.0, 1, 1.0, 0.001, 0.002, 7, 9)
+    stats = time_cuda(steps, clears, timing)
+    for name in calls:
+        st = stats[name]
+        assert 7 <= st.reps <= 9 and len(st.samples) == st.reps
+        assert 0 < st.p25 <= st.median <= st.p75
+        assert st.peak_bytes == 2**20
+        assert calls[name] == cleared[name] >= 3 + st.reps + 1  # warm-up, rounds, memory call
