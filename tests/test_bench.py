@@ -96,7 +96,7 @@ def test_smoke_cli_cuda(tmp_path):
         pytest.skip("needs a CUDA device")
     names = ["ours", "torch", "reference"] if _ours() else ["torch", "reference"]
     result = _run_cli(
-        "--smoke", "--device", "cuda", "--no-progress", "--dtypes", "float32",
+        "--smoke", "--device", "cuda", "--no-progress", "--dtypes", "float32", "--tf32", "off",
         "--impls", ",".join(names), "--out", str(tmp_path),
     )
     assert result.returncode == 0, result.stderr[-3000:]
