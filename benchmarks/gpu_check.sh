@@ -92,7 +92,7 @@ sys.exit(0 if h.has_cuda_kernels() else 1)" || return 1
 }
 
 run_tests() {
-    "$PY" -m pytest tests -m cuda -q -x -p no:cacheprovider
+    "$PY" -m pytest tests -m cuda -q --maxfail=5 -p no:cacheprovider
     local rc=$?
     ((rc == 5)) && { echo "no tests carry the cuda marker"; return 0; }
     return "$rc"

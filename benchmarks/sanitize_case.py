@@ -49,6 +49,9 @@ def main(argv):
     if device == "cuda" and not (torch.cuda.is_available() and hl.has_cuda_kernels()):
         print("sanitize_case: needs a CUDA device and handlstm_cuda built with CUDA kernels")
         return 2
+    if hasattr(hl, "set_cuda_kernels_enabled"):
+        # The kernels are what the sanitizers are here to check, whatever the default is.
+        hl.set_cuda_kernels_enabled(True)
     # Compare in IEEE float32: cuDNN would otherwise use TF32 in the nn.LSTM comparison.
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
