@@ -395,9 +395,10 @@ def test_cuda_kernels_are_off_by_default_until_verified():
 ], ids=["plain", "reverse", "packed-proj", "packed-proj-reverse", "packed-reverse"])
 def test_cpu_row_blocks_match_reference(case):
     """The CPU time loop runs blocks of rows on separate threads (see csrc/lstm_cpu.cpp); with
-    N = 45 and 3 threads the blocks are 15 + 15 + 15 rows, so packed lengths cross the block
-    boundaries, and every block must still equal the float64 reference."""
-    T, N, I, H = 7, 45, 3, 9
+    N = 600 and 3 threads there are two blocks of 300 rows (at least kMinBlockRows = 256
+    each), packed lengths cross the block boundary, and every block must still equal the
+    float64 reference."""
+    T, N, I, H = 7, 600, 3, 9
     P = case.get("P", 0)
     args = make_args(T, N, I, H, P, seed=7)
     kw = dict(reverse=case.get("reverse", False))
