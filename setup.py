@@ -68,7 +68,8 @@ def extensions():
         "csrc/cpu/cell_cpu_avx2.cpp",
         "csrc/cpu/cell_cpu_avx512.cpp",
     ]
-    cxx = list(opt)
+    # ATen's vector headers carry `#pragma unroll` hints that GCC does not know.
+    cxx = list(opt) + ["-Wno-unknown-pragmas"]
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")])
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)

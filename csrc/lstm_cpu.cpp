@@ -72,7 +72,6 @@ const scalar_t* ptr_or_null(const at::Tensor& t) {
 
 template <typename scalar_t>
 void cell_forward_cpu_typed(const CellForwardArgs& a) {
-  using acc_t = at::opmath_type<scalar_t>;
   const cpu::ForwardRows<scalar_t> p{a.gates.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.c_prev),
                                      a.c0.const_data_ptr<scalar_t>(), a.c_out.data_ptr<scalar_t>(),
                                      a.m_out.data_ptr<scalar_t>(), a.c0.size(1), a.n_prev};
@@ -83,7 +82,6 @@ void cell_forward_cpu_typed(const CellForwardArgs& a) {
 
 template <typename scalar_t>
 void cell_backward_cpu_typed(const CellBackwardArgs& a) {
-  using acc_t = at::opmath_type<scalar_t>;
   const cpu::BackwardRows<scalar_t> p{
       a.gates.const_data_ptr<scalar_t>(), a.c.const_data_ptr<scalar_t>(),
       ptr_or_null<scalar_t>(a.c_prev),    a.c0.const_data_ptr<scalar_t>(),

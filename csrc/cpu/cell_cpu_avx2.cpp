@@ -7,25 +7,11 @@
 // same header. SLEEF (exported by libtorch_cpu) serves double; float uses the exp below.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC target("avx2,fma")
-// ATen's headers pass AVX vectors by value; the ABI note GCC prints for that is irrelevant here
-// because no such function crosses this file's boundary.
 #pragma GCC diagnostic ignored "-Wpsabi"
-// ATen's vector headers carry `#pragma unroll` hints that only other compilers read.
-#pragma GCC diagnostic ignored "-Wunknown-pragmas"
 #elif defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
 #endif
-// The target pragma does not define the ISA macros that SLEEF's and ATen's headers test, so
-// state them for this file alone.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
+#include "isa_unit_prelude.h"
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 

@@ -6,22 +6,12 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
 #pragma GCC diagnostic ignored "-Wpsabi"
-#pragma GCC diagnostic ignored "-Wunknown-pragmas"
 #elif defined(__clang__)
 #pragma clang attribute push(                                                   \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))), \
     apply_to = function)
 #endif
-// The target pragma does not define the ISA macros that SLEEF's and ATen's headers test.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
+// The AVX-512 macros SLEEF's and ATen's headers test (see isa_unit_prelude.h).
 #ifndef __AVX512F__
 #define __AVX512F__ 1
 #endif
@@ -34,6 +24,7 @@
 #ifndef __AVX512DQ__
 #define __AVX512DQ__ 1
 #endif
+#include "isa_unit_prelude.h"
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
 
