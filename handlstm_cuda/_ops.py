@@ -24,7 +24,6 @@ Registrations made here, and why (docs/works-with.md lists the tests):
 """
 
 import contextlib
-
 import os
 import warnings
 

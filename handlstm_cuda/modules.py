@@ -31,12 +31,6 @@ def _autocast_dtype(device_type):
     return None
 
 
-def _autocast_cast(tensors, dtype):
-    """Autocast's lower-precision policy: floating tensors except float64 go to dtype."""
-    return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64
-            else t for t in tensors]
-
-
 def _check_state_pair(hx, owner, shapes):
     """hx must be a pair (h, c) of tensors; say so plainly instead of failing deep inside.
 
@@ -246,10 +240,8 @@ class LSTM(nn.Module):
         Returns output (T, N, D*Hout), h_n (L*D, N, Hout), c_n (L*D, N, H).
         """
         D = 2 if self.bidirectional else 1
-        # nn.LSTM is on autocast's lower-precision list on CPU and CUDA alike.
-        cast = _autocast_dtype(x.device.type)
-        if cast is not None:
-            x, h0, c0 = _autocast_cast((x, h0, c0), cast)
+        # nn.LSTM is on autocast's lower-precision list on CPU and CUDA alike; lstm() applies
+        # that cast to every argument, so layer outputs are already in the autocast dtype.
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
@@ -258,8 +250,6 @@ class LSTM(nn.Module):
             for direction in range(D):
                 k = layer * D + direction
                 w = [getattr(self, name) for name in self._all_weights[k]]
-                if cast is not None:
-                    w = _autocast_cast(w, cast)
                 w_ih, w_hh = w[0], w[1]
                 bias = w[2] + w[3] if self.bias else None
                 w_hr = w[-1] if self.proj_size > 0 else None
@@ -428,15 +418,11 @@ class LSTMCell(nn.Module):
         bias = self.bias_ih + self.bias_hh if self.bias_ih is not None else None
         device_type = input.device.type
         cast = _autocast_dtype(device_type)
-        if cast is None:
-            if input.dtype != w_ih.dtype:
-                raise RuntimeError(f"LSTMCell: input dtype ({input.dtype}) does not match "
-                                   f"weight dtype ({w_ih.dtype})")
-            _, h1, c1 = lstm(input.unsqueeze(0), h0, c0, w_ih, w_hh, bias)
-        elif device_type == "cuda":
-            # nn.LSTMCell is on CUDA autocast's lower-precision list.
-            input, h0, c0, w_ih, w_hh, bias = _autocast_cast(
-                (input, h0, c0, w_ih, w_hh, bias), cast)
+        if cast is None and input.dtype != w_ih.dtype:
+            raise RuntimeError(f"LSTMCell: input dtype ({input.dtype}) does not match "
+                               f"weight dtype ({w_ih.dtype})")
+        if cast is None or device_type == "cuda":
+            # nn.LSTMCell is on CUDA autocast's lower-precision list; lstm() casts like it.
             _, h1, c1 = lstm(input.unsqueeze(0), h0, c0, w_ih, w_hh, bias)
         else:
             # Elsewhere it is not: nn.LSTMCell's gate products follow autocast and its state
