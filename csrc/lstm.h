@@ -78,6 +78,12 @@ struct LoopArgs {
   at::Tensor grad_output, dh, dc, dgates, dhs, dm_buf;
 };
 
+// Raw pointer of an optional operand of a pointwise hook: null when undefined or empty.
+template <typename scalar_t>
+const scalar_t* ptr_or_null(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.const_data_ptr<scalar_t>() : nullptr;
+}
+
 struct CellKernels {
   void (*forward)(const CellForwardArgs&);
   void (*backward)(const CellBackwardArgs&);

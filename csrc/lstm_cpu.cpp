@@ -61,14 +61,10 @@ void backward_rows_best(const cpu::BackwardRows<T>& p, int64_t begin, int64_t en
   cpu::backward_rows<T, at::opmath_type<T>, cpu::NoVec>(p, begin, end);
 }
 
-// Rows per parallel chunk: ~4k gate elements (~10 us of SIMD work), enough to pay for a
-// thread hand-off, small enough that the seed's 64 x 64 step splits across cores.
+// Rows per parallel chunk of the per-step hooks below, which serve what the CPU time loop
+// leaves to the generic loop (bfloat16, float16): ~4k gate elements per chunk, enough work to
+// pay for a thread hand-off.
 int64_t grain_rows(int64_t H) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, 4 * H)); }
-
-template <typename scalar_t>
-const scalar_t* ptr_or_null(const at::Tensor& t) {
-  return t.defined() && t.numel() > 0 ? t.const_data_ptr<scalar_t>() : nullptr;
-}
 
 template <typename scalar_t>
 void cell_forward_cpu_typed(const CellForwardArgs& a) {

@@ -89,11 +89,6 @@ __global__ void cell_backward_kernel(const scalar_t* __restrict__ gates,
   }
 }
 
-template <typename scalar_t>
-const scalar_t* ptr_or_null(const at::Tensor& t) {
-  return t.defined() && t.numel() > 0 ? t.const_data_ptr<scalar_t>() : nullptr;
-}
-
 void launch_cell_forward(const CellForwardArgs& a) {
   const int64_t H = a.c0.size(1);
   if (a.n * H == 0) return;
