@@ -188,12 +188,17 @@ def _setting_title(setting, rows):
     return title + " | torch.nn.LSTM runs " + (", ".join(backends) or "-")
 
 
-def text_table(rows):
+def _grouped_cells(rows):
+    """Table cells per setting (dtype / TF32 block), in the order the rows come."""
     groups = {}
     for setting, cells, _ in _table_rows(rows):
         groups.setdefault(setting, []).append(cells)
+    return groups
+
+
+def text_table(rows):
     lines = []
-    for setting, body in groups.items():
+    for setting, body in _grouped_cells(rows).items():
         head = [h for h, _ in _TABLE_HEAD]
         widths = [max(len(c[i]) for c in body + [head]) for i in range(len(head))]
 
@@ -212,11 +217,8 @@ def text_table(rows):
 
 
 def markdown_table(rows):
-    groups = {}
-    for setting, cells, _ in _table_rows(rows):
-        groups.setdefault(setting, []).append(cells)
     lines = []
-    for setting, body in groups.items():
+    for setting, body in _grouped_cells(rows).items():
         head = [h for h, _ in _TABLE_HEAD]
         lines.append("")
         lines.append(f"### {_setting_title(setting, rows)}")
