@@ -138,14 +138,23 @@ at::Tensor rows(const at::Tensor& t, int64_t begin, int64_t end) {
   return t.narrow(0, begin, end - begin);
 }
 
-// The kernels address raw memory: every operand in the dense row-major layout.
+// The kernels address raw memory: every operand dense and row-major, starting on a 64-byte
+// boundary (the CPU allocator's alignment; CUDA's is coarser). The alignment matters for
+// reproducibility, not safety: BLAS kernels pick code paths by the operands' alignment and
+// round differently on each (MKL on AMD EPYC gives other bits for an h0 that starts 4 bytes
+// off), so without it a caller's view at an odd offset, such as the second layer's slice of
+// nn.LSTM's stacked h0, would not give the numbers of a fresh copy of the same values.
+at::Tensor dense(const at::Tensor& t) {
+  if (t.is_contiguous() && reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 64 == 0) return t;
+  return t.clone(at::MemoryFormat::Contiguous);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 contiguous_operands(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
                     const at::Tensor& weight_ih, const at::Tensor& weight_hh,
                     const std::optional<at::Tensor>& weight_hr) {
-  return {input.contiguous(), h0.contiguous(),        c0.contiguous(),
-          weight_ih.contiguous(), weight_hh.contiguous(),
-          opt(weight_hr) ? weight_hr->contiguous() : at::Tensor()};
+  return {dense(input),     dense(h0),        dense(c0),
+          dense(weight_ih), dense(weight_hh), opt(weight_hr) ? dense(*weight_hr) : at::Tensor()};
 }
 
 // Packed input leaves inactive positions untouched by the loop; they must read as zero.
@@ -210,6 +219,31 @@ void backward_steps_generic(const LoopArgs& a, const CellKernels& kernels) {
   }
 }
 
+// Rows of the (T*N)-long reductions behind the weight gradients summed by one GEMM call in
+// float32. One GEMM over all T*N rows adds every term into one float32 result: MKL on AMD
+// EPYC lost 1.2e-5 (relative to the largest entry) on dW_ih at T*N = 131,072 and I = 4, an
+// error that grows like sqrt(T*N). Float32 GEMMs over blocks of this many rows, their results
+// summed in float64, lose about 1e-6 there; below one block nothing changes. Float64 has
+// precision to spare, and float16/bfloat16 GEMMs accumulate in float over the whole sum
+// already, where partial results rounded to the half type would only lose more. The blocks
+// and their order depend on the shapes alone, so results stay deterministic.
+constexpr int64_t kGradRowsPerGemm = 4096;
+
+// out (M, Ncol) += a^T b over the rows of a (K, M) and b (K, Ncol).
+void add_at_b(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  const int64_t K = a.size(0);
+  if (out.scalar_type() != at::kFloat || K <= kGradRowsPerGemm) {
+    out.addmm_(a.t(), b);
+    return;
+  }
+  auto sum = out.to(at::kDouble);
+  for (int64_t k0 = 0; k0 < K; k0 += kGradRowsPerGemm) {
+    const int64_t k = std::min(kGradRowsPerGemm, K - k0);
+    sum.add_(at::mm(a.narrow(0, k0, k).t(), b.narrow(0, k0, k)));
+  }
+  out.copy_(sum);
+}
+
 }  // namespace
 
 ForwardResult lstm_forward_impl(const at::Tensor& input_, const at::Tensor& h0_,
@@ -242,7 +276,7 @@ ForwardResult lstm_forward_impl(const at::Tensor& input_, const at::Tensor& h0_,
     auto gates2d = gates.view({d.T * d.N, d.G});
     const auto x2d = x.view({d.T * d.N, d.I});
     if (opt(bias_)) {
-      at::addmm_out(gates2d, bias_->contiguous(), x2d, w_ih.t());
+      at::addmm_out(gates2d, dense(*bias_), x2d, w_ih.t());
     } else {
       at::mm_out(gates2d, x2d, w_ih.t());
     }
@@ -285,8 +319,9 @@ ForwardResult lstm_forward_impl(const at::Tensor& input_, const at::Tensor& h0_,
 //   3. runs the fused pointwise backward: dp (pre-activation grads) and dc_{t-1} = dc_total * f,
 //   4. computes dh_{t-1} = dp W_hh for the active rows (one GEMM).
 // Inactive rows carry dh and dc unchanged, exactly as their state was carried forward. After
-// the loop, dW_ih, dW_hh, dx and dW_hr are single GEMMs over all steps and the bias gradient is
-// a sum over (T, N): no atomics anywhere, so results are bitwise reproducible.
+// the loop, dx is one GEMM over all steps, dW_ih, dW_hh and dW_hr GEMMs over all steps in
+// blocks of rows (add_at_b) and the bias gradient a sum over (T, N): no atomics anywhere, so
+// results are bitwise reproducible.
 BackwardResult lstm_backward_impl(
     const std::optional<at::Tensor>& grad_output_, const std::optional<at::Tensor>& grad_h_n_,
     const std::optional<at::Tensor>& grad_c_n_, const at::Tensor& input_, const at::Tensor& h0_,
@@ -325,11 +360,11 @@ BackwardResult lstm_backward_impl(
 
   const auto [x, h0, c0, w_ih, w_hh, w_hr] =
       contiguous_operands(input_, h0_, c0_, weight_ih_, weight_hh_, weight_hr_);
-  const auto output = output_.contiguous();
-  const auto gates = gates_.contiguous();
-  const auto cells = cells_.contiguous();
-  const auto proj_in = proj_in_.contiguous();
-  const auto gout = opt(grad_output_) ? grad_output_->contiguous() : at::Tensor();
+  const auto output = dense(output_);
+  const auto gates = dense(gates_);
+  const auto cells = dense(cells_);
+  const auto proj_in = dense(proj_in_);
+  const auto gout = opt(grad_output_) ? dense(*grad_output_) : at::Tensor();
 
   const auto opts = x.options();
   auto dh = opt(grad_h_n_) ? grad_h_n_->contiguous().clone() : at::zeros({d.N, d.Hout}, opts);
@@ -342,10 +377,12 @@ BackwardResult lstm_backward_impl(
                     w_hh, w_hr, gout, dh, dc, dgates, dhs, dm_buf};
   if (!(kernels.backward_loop && kernels.backward_loop(la))) backward_steps_generic(la, kernels);
 
-  // Weight, input and bias gradients as whole-sequence GEMMs and one reduction.
+  // Weight, input and bias gradients as GEMMs over all steps (blocks of rows, see add_at_b)
+  // and one reduction.
   const auto dg2d = dgates.view({d.T * d.N, d.G});
   auto grad_input = at::mm(dg2d, w_ih).view({d.T, d.N, d.I});
-  auto grad_w_ih = at::mm(dg2d.t(), x.view({d.T * d.N, d.I}));
+  auto grad_w_ih = at::zeros({d.G, d.I}, opts);
+  add_at_b(grad_w_ih, dg2d, x.view({d.T * d.N, d.I}));
   auto grad_bias = dgates.sum(at::IntArrayRef{0, 1});
 
   // dW_hh = sum_t dp_t^T h_{t-1}. h_{t-1} is the previous processed step's output, except for
@@ -355,7 +392,7 @@ BackwardResult lstm_backward_impl(
     if (d.T > 1) {
       const auto later = reverse ? dgates.narrow(0, 0, d.T - 1) : dgates.narrow(0, 1, d.T - 1);
       const auto earlier = reverse ? output.narrow(0, 1, d.T - 1) : output.narrow(0, 0, d.T - 1);
-      grad_w_hh.addmm_(later.reshape({-1, d.G}).t(), earlier.reshape({-1, d.Hout}));
+      add_at_b(grad_w_hh, later.reshape({-1, d.G}), earlier.reshape({-1, d.Hout}));
     }
     for (int64_t s = 0; s < d.T; ++s) {
       const int64_t n = sch.rows(s);
@@ -365,9 +402,11 @@ BackwardResult lstm_backward_impl(
       }
     }
   }
-  auto grad_w_hr = d.proj ? at::mm(dhs.view({d.T * d.N, d.Hout}).t(),
-                                   proj_in.view({d.T * d.N, d.H}))
-                          : at::empty({0}, opts);
+  auto grad_w_hr = at::empty({0}, opts);
+  if (d.proj) {
+    grad_w_hr = at::zeros({d.Hout, d.H}, opts);
+    add_at_b(grad_w_hr, dhs.view({d.T * d.N, d.Hout}), proj_in.view({d.T * d.N, d.H}));
+  }
   return {grad_input, dh, dc, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
 
