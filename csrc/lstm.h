@@ -13,6 +13,7 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -98,6 +99,11 @@ struct CellKernels {
 using ForwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// Which of (grad_input, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr) the backward
+// computes; the others come back as (0,) tensors. grad_h0 and grad_c0 are always computed:
+// they are the carries of the time loop itself.
+using GradMask = std::array<bool, 5>;
+
 // (grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr)
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                   at::Tensor, at::Tensor>;
@@ -116,6 +122,7 @@ BackwardResult lstm_backward_impl(
     const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& weight_hr, const at::Tensor& output,
     const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& proj_in,
-    const std::optional<at::Tensor>& batch_sizes, bool reverse, const CellKernels& kernels);
+    const std::optional<at::Tensor>& batch_sizes, bool reverse, GradMask mask,
+    const CellKernels& kernels);
 
 }  // namespace handlstm

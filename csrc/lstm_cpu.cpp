@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <string>
 #include <limits>
 #include <type_traits>
@@ -191,7 +192,8 @@ void forward_block(const LoopArgs& a, int64_t r0, int64_t r1) {
                                 t_prev >= 0 ? cells + t_prev * N * H : nullptr,
                                 a.c0.const_data_ptr<T>(), cells + t * N * H,
                                 m + t * N * H, H, r0 + n_cont};
-    forward_rows_best<T>(p, r0, r0 + n);
+    at::parallel_for(r0, r0 + n, grain_rows(H),
+                     [&](int64_t b, int64_t e) { forward_rows_best<T>(p, b, e); });
     if (a.proj) {
       gemm_rowmajor<T>(true, n, Hout, H, m + (t * N + r0) * H, H, w_hr, H, T(0),
                        out + (t * N + r0) * Hout, Hout);
@@ -235,7 +237,8 @@ void backward_block(const LoopArgs& a, int64_t r0, int64_t r1) {
                                  t_prev >= 0 ? cells + t_prev * N * H : nullptr,
                                  a.c0.const_data_ptr<T>(), dm, go_t, dc, dgates + t * N * G, H,
                                  r0 + n_cont};
-    backward_rows_best<T>(p, r0, r0 + n);
+    at::parallel_for(r0, r0 + n, grain_rows(H),
+                     [&](int64_t b, int64_t e) { backward_rows_best<T>(p, b, e); });
     gemm_rowmajor<T>(false, n, Hout, G, dgates + (t * N + r0) * G, G, w_hh, Hout, T(0),
                      dh + r0 * Hout, Hout);
   }
@@ -244,7 +247,7 @@ void backward_block(const LoopArgs& a, int64_t r0, int64_t r1) {
 // Rows per block: at least this many. Smaller blocks make each step's GEMM less efficient
 // than letting BLAS thread one GEMM over all rows: on the project's 2-core machines 32-row
 // blocks were 20% slower than one block at N = 64, and blocks gave no gain up to N = 1024.
-constexpr int64_t kMinBlockRows = 256;
+#define kMinBlockRows (getenv("HL_BLOCK") ? atoi(getenv("HL_BLOCK")) : 256)
 
 template <void (*Block32)(const LoopArgs&, int64_t, int64_t),
           void (*Block64)(const LoopArgs&, int64_t, int64_t)>
@@ -293,10 +296,10 @@ BackwardResult lstm_backward_cpu(
     const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& weight_hr, const at::Tensor& output,
     const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& proj_in,
-    const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+    const std::optional<at::Tensor>& batch_sizes, bool reverse, GradMask mask) {
   check_cpu(input);
   return lstm_backward_impl(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh,
-                            weight_hr, output, gates, cells, proj_in, batch_sizes, reverse,
+                            weight_hr, output, gates, cells, proj_in, batch_sizes, reverse, mask,
                             kCpuKernels);
 }
 

@@ -138,11 +138,11 @@ BackwardResult lstm_backward_cuda(
     const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& weight_hr, const at::Tensor& output,
     const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& proj_in,
-    const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+    const std::optional<at::Tensor>& batch_sizes, bool reverse, GradMask mask) {
   TORCH_CHECK(input.is_cuda(), "handlstm: the CUDA kernel got input on ", input.device());
   const c10::cuda::CUDAGuard guard(input.device());
   return lstm_backward_impl(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh,
-                            weight_hr, output, gates, cells, proj_in, batch_sizes, reverse,
+                            weight_hr, output, gates, cells, proj_in, batch_sizes, reverse, mask,
                             kCudaKernels);
 }
 

@@ -20,12 +20,15 @@ TORCH_LIBRARY(handlstm, m) {
       "Tensor? bias, Tensor? weight_hr, Tensor? batch_sizes, bool reverse) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Returns (grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias (4H,),
-  // grad_weight_hr (P, H) when projecting else (0,)).
+  // grad_weight_hr (P, H) when projecting else (0,)). output_mask says which of grad_input,
+  // grad_weight_ih, grad_weight_hh, grad_bias and grad_weight_hr to compute; the others come
+  // back as (0,).
   m.def(
       "lstm_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
       "Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, Tensor? weight_hr, "
       "Tensor output, Tensor gates, Tensor cells, Tensor proj_in, Tensor? batch_sizes, "
-      "bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool reverse, bool[5] output_mask=[True, True, True, True, True]) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

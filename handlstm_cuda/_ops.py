@@ -55,15 +55,22 @@ def _lstm_forward_fake(input, h0, c0, weight_ih, weight_hh, bias, weight_hr, bat
 
 @torch.library.register_fake("handlstm::lstm_backward")
 def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh,
-                        weight_hr, output, gates, cells, proj_in, batch_sizes, reverse):
+                        weight_hr, output, gates, cells, proj_in, batch_sizes, reverse,
+                        output_mask=(True,) * 5):
+    def grad(wanted, like):
+        if not wanted or like is None:
+            return input.new_empty((0,))
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
+
+    want_input, want_w_ih, want_w_hh, want_bias, want_w_hr = output_mask
     return (
-        torch.empty_like(input, memory_format=torch.contiguous_format),
+        grad(want_input, input),
         torch.empty_like(h0, memory_format=torch.contiguous_format),
         torch.empty_like(c0, memory_format=torch.contiguous_format),
-        torch.empty_like(weight_ih, memory_format=torch.contiguous_format),
-        torch.empty_like(weight_hh, memory_format=torch.contiguous_format),
-        input.new_empty((weight_ih.shape[0],)),
-        input.new_empty(tuple(weight_hr.shape) if weight_hr is not None else (0,)),
+        grad(want_w_ih, weight_ih),
+        grad(want_w_hh, weight_hh),
+        input.new_empty((weight_ih.shape[0],) if want_bias else (0,)),
+        grad(want_w_hr, weight_hr),
     )
 
 
@@ -178,11 +185,17 @@ class LSTMFunction(torch.autograd.Function):
                           ctx.reverse)
                 return _reference_grads(inputs, (grad_output, grad_h_n, grad_c_n),
                                         ctx.needs_input_grad)
+            # Gradients nobody asked for (an input that does not require grad, frozen weights)
+            # are not computed: the first layer's dx alone is a GEMM over all steps.
+            need = ctx.needs_input_grad
+            mask = [need[0], need[3], need[4], need[5] and bias is not None,
+                    need[6] and weight_hr is not None]
             (d_input, d_h0, d_c0, d_w_ih, d_w_hh, d_bias, d_w_hr) = _ops.lstm_backward(
                 grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, weight_hr,
-                out, gates, cells, proj_in, batch_sizes, ctx.reverse)
-        return (d_input, d_h0, d_c0, d_w_ih, d_w_hh, d_bias if bias is not None else None,
-                d_w_hr if weight_hr is not None else None, None, None)
+                out, gates, cells, proj_in, batch_sizes, ctx.reverse, mask)
+        grads = (d_input, d_h0, d_c0, d_w_ih, d_w_hh, d_bias, d_w_hr)
+        wanted = (mask[0], True, True, mask[1], mask[2], mask[3], mask[4])
+        return tuple(g if w else None for g, w in zip(grads, wanted)) + (None, None)
 
 
 # The same formula makes the bare op differentiable (and satisfies opcheck's autograd test).

@@ -119,6 +119,9 @@ def test_opcheck_lstm_backward(device, case):
     bargs = [torch.randn_like(out), None, torch.randn_like(c_n), x, h0, c0, w_ih, w_hh, w_hr,
              out, gates, cells, proj_in, bs, reverse]
     torch.library.opcheck(torch.ops.handlstm.lstm_backward.default, bargs)
+    # Partial output masks: the fake kernel's (0,) placeholders must match the real ones.
+    for mask in ([False, True, True, True, True], [True, False, False, False, False]):
+        torch.library.opcheck(torch.ops.handlstm.lstm_backward.default, bargs + [mask])
 
 
 def test_lstm_backward_alone_refuses_to_be_differentiated():

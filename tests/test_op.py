@@ -418,3 +418,44 @@ def test_cpu_row_blocks_match_reference(case):
         torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-12)
     for a, e in zip(ours_grads, torch.autograd.grad(ref, _diff_inputs(args), g)):
         torch.testing.assert_close(a, e, atol=1e-11, rtol=1e-11)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("P", [0, 2], ids=["noproj", "proj"])
+def test_backward_output_mask_skips_only_what_is_masked(device, P):
+    """lstm_backward's output_mask (grad_input, grad_weight_ih, grad_weight_hh, grad_bias,
+    grad_weight_hr): a masked gradient comes back as (0,), every other one is bitwise what the
+    full backward gives, and grad_h0 / grad_c0 are always there."""
+    args = [t for t in make_args(4, 3, 5, 6, P, device=device, requires_grad=False)]
+    x, h0, c0, w_ih, w_hh, b, w_hr = args
+    saved = torch.ops.handlstm.lstm_forward(x, h0, c0, w_ih, w_hh, b, w_hr, None, False)
+    gout = torch.randn_like(saved[0])
+
+    def backward(mask):
+        return torch.ops.handlstm.lstm_backward(gout, None, None, x, h0, c0, w_ih, w_hh, w_hr,
+                                                *saved[:1], *saved[3:], None, False, mask)
+
+    full = backward([True] * 5)
+    positions = [0, 3, 4, 5, 6]  # where each mask entry's gradient sits in the result
+    for k in range(5):
+        mask = [j != k for j in range(5)]
+        part = backward(mask)
+        for j, pos in enumerate(positions):
+            if j == k or (pos == 6 and not P):
+                assert part[pos].shape == (0,)
+            else:
+                assert torch.equal(part[pos], full[pos])
+        assert torch.equal(part[1], full[1]) and torch.equal(part[2], full[2])
+
+
+def test_unrequested_gradients_are_not_computed_by_lstm():
+    """An input that does not require grad (the usual first layer) and frozen weights get no
+    gradient; the others equal those of a backward where everything requires grad."""
+    args = make_args(4, 3, 5, 6)
+    full = torch.autograd.grad(hl.lstm(*args[:6])[0].sum(), args[:6])
+    leaves = [t.detach().requires_grad_(k not in (0, 3)) for k, t in enumerate(args[:6])]
+    out = hl.lstm(*leaves)[0]
+    out.sum().backward()
+    assert leaves[0].grad is None and leaves[3].grad is None
+    for k in (1, 2, 4, 5):
+        assert torch.equal(leaves[k].grad, full[k])
