@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <string>
 #include <limits>
 #include <type_traits>
@@ -62,9 +61,9 @@ void backward_rows_best(const cpu::BackwardRows<T>& p, int64_t begin, int64_t en
   cpu::backward_rows<T, at::opmath_type<T>, cpu::NoVec>(p, begin, end);
 }
 
-// Rows per parallel chunk of the per-step hooks below, which serve what the CPU time loop
-// leaves to the generic loop (bfloat16, float16): ~4k gate elements per chunk, enough work to
-// pay for a thread hand-off.
+// Rows per parallel chunk of a step's pointwise pass (the per-step hooks below, which serve
+// what the CPU time loop leaves to the generic loop, and the single row block of the time
+// loop): ~4k gate elements per chunk, enough work to pay for a thread hand-off.
 int64_t grain_rows(int64_t H) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, 4 * H)); }
 
 template <typename scalar_t>
@@ -107,7 +106,8 @@ void cell_backward_cpu(const CellBackwardArgs& a) {
 // whole time loop of each block on its own thread with no synchronisation per step; every
 // block runs with raw pointers and the BLAS that libtorch links, so no ATen dispatch per step.
 // Blocks form only for large batches (kMinBlockRows); otherwise there is one block whose
-// GEMMs BLAS threads itself. Results do not depend on the block boundaries except
+// GEMMs BLAS threads itself and whose pointwise passes spread over the threads (inside a block
+// of several, at::parallel_for runs them inline). Results do not depend on the block boundaries except
 // through the BLAS kernel chosen for a block's row count, which can round differently.
 
 // The BLAS that libtorch links (MKL on x86 wheels, OpenBLAS elsewhere) exports the Fortran
@@ -247,7 +247,7 @@ void backward_block(const LoopArgs& a, int64_t r0, int64_t r1) {
 // Rows per block: at least this many. Smaller blocks make each step's GEMM less efficient
 // than letting BLAS thread one GEMM over all rows: on the project's 2-core machines 32-row
 // blocks were 20% slower than one block at N = 64, and blocks gave no gain up to N = 1024.
-#define kMinBlockRows (getenv("HL_BLOCK") ? atoi(getenv("HL_BLOCK")) : 256)
+constexpr int64_t kMinBlockRows = 256;
 
 template <void (*Block32)(const LoopArgs&, int64_t, int64_t),
           void (*Block64)(const LoopArgs&, int64_t, int64_t)>
