@@ -57,6 +57,14 @@ def nvidia_pip_include_dirs():
     return [d for d in dirs if os.path.exists(os.path.join(d, "cublas_v2.h"))]
 
 
+def openmp_flag():
+    """-fopenmp where torch runs its intra-op threads on OpenMP and GCC/Clang on Linux can
+    compile it; None elsewhere (the CPU kernels then run on one thread)."""
+    if torch._C.has_openmp and sys.platform.startswith("linux"):
+        return "-fopenmp"
+    return None
+
+
 def extensions():
     use_cuda, why = want_cuda()
     debug = os.environ.get("HANDLSTM_DEBUG", "0") == "1"
@@ -71,6 +79,13 @@ def extensions():
     # ATen's vector headers carry `#pragma unroll` hints that GCC does not know.
     cxx = list(opt) + ["-Wno-unknown-pragmas"]
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")])
+    # at::parallel_for is an inline template that runs serially unless the including unit is
+    # compiled with OpenMP: without this flag every CPU thread split of ours (row blocks,
+    # pointwise passes, packed-GEMM panels) silently ran on one thread. The runtime is the
+    # libgomp torch already loaded (same soname), so there is one thread pool.
+    if openmp_flag():
+        cxx.append(openmp_flag())
+        kwargs["extra_link_args"] = [openmp_flag()]
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
         sources.append("csrc/lstm_cuda.cu")

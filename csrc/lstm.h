@@ -93,6 +93,14 @@ struct CellKernels {
   // arguments to the driver's generic loop, which calls `forward` / `backward` per step.
   bool (*forward_loop)(const LoopArgs&) = nullptr;
   bool (*backward_loop)(const LoopArgs&) = nullptr;
+  // Optional: a^T b (M, Nc) for a (K, M) and b (K, Nc) with unit column stride, the sums over
+  // T*N rows behind the weight gradients. An undefined result leaves the product to ATen.
+  at::Tensor (*at_b)(const at::Tensor& a, const at::Tensor& b) = nullptr;
+  // Optional: c = a b (+ *bias on every row when bias is not null) for a (M, K) with unit
+  // column stride, b (K, Nc) and c (M, Nc) contiguous: the input projection and dx. Returning
+  // false, with c untouched, leaves the product to ATen.
+  bool (*mm)(at::Tensor& c, const at::Tensor& a, const at::Tensor& b,
+             const at::Tensor* bias) = nullptr;
 };
 
 // (output, h_n, c_n, gates, cells, proj_in); proj_in is m (T, N, H) with projection, else empty.

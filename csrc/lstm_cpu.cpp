@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "cpu/cell_cpu.h"
+#include "cpu/gemm_cpu.h"
 #include "lstm.h"
 
 namespace handlstm {
@@ -102,18 +103,18 @@ void cell_backward_cpu(const CellBackwardArgs& a) {
 
 // ---- The CPU time loops -------------------------------------------------------------------
 //
-// Batch rows never interact in an LSTM, so the CPU can split the rows into blocks and run the
-// whole time loop of each block on its own thread with no synchronisation per step; every
-// block runs with raw pointers and the BLAS that libtorch links, so no ATen dispatch per step.
-// Blocks form only for large batches (kMinBlockRows); otherwise there is one block whose
-// GEMMs BLAS threads itself and whose pointwise passes spread over the threads (inside a block
-// of several, at::parallel_for runs them inline). Results do not depend on the block boundaries except
-// through the BLAS kernel chosen for a block's row count, which can round differently.
+// Batch rows never interact in an LSTM, so the CPU splits the rows into blocks, one per thread
+// (at least kMinBlockRows rows each), and runs the whole time loop of each block on its own
+// thread with no synchronisation per step, on raw pointers: no ATen dispatch per step. A batch
+// too small for two blocks runs as one block whose step GEMMs and pointwise passes split their
+// columns and rows among the threads (inside a block of several, at::parallel_for runs them
+// inline). Float32 on an AVX2/AVX-512 CPU multiplies by weights packed once per call
+// (cpu/gemm_cpu.h), whose sums do not depend on the blocks; otherwise the loop calls the BLAS
+// that libtorch links, whose kernel choice for a block's row count can round differently.
 
 // The BLAS that libtorch links (MKL on x86 wheels, OpenBLAS elsewhere) exports the Fortran
 // GEMMs. They are declared weak so that the extension still loads on a torch without them;
-// the loops then leave the work to the driver's generic ATen loop. (MKL's packed GEMM was
-// tried for the recurrent weight and measured slower here at the seed's sizes.)
+// the loops then leave the work to the driver's generic ATen loop.
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
@@ -146,6 +147,91 @@ void gemm_rowmajor(bool trans_b, int64_t M, int64_t Nc, int64_t K, const T* A, i
   }
 }
 
+// ---- The packed float32 GEMMs (cpu/gemm_cpu.h) ----------------------------------------
+
+// A weight packed for the active ISA's kernel: B (K x Nc) in column panels.
+struct PackedB {
+  at::Tensor panels;  // float32, cpu::packed_size(K, Nc, lanes) elements
+  int64_t K = 0, Nc = 0, lanes = 0;
+  void (*kernel)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, int64_t,
+                 const float*, float*, int64_t, bool) = nullptr;
+};
+
+// Packs b (K x Nc, any strides, float32) for the active ISA; kernel stays null on a CPU
+// without AVX2 (the callers then use BLAS).
+PackedB pack_b(const at::Tensor& b) {
+  PackedB pb;
+  const Isa isa = active_isa().load(std::memory_order_relaxed);
+  if (isa == Isa::kScalar) return pb;
+  pb.K = b.size(0);
+  pb.Nc = b.size(1);
+  pb.lanes = isa == Isa::kAvx512 ? cpu::kLanesAvx512 : cpu::kLanesAvx2;
+  pb.kernel = isa == Isa::kAvx512 ? cpu::gemm_packed_avx512 : cpu::gemm_packed_avx2;
+  pb.panels = at::empty({cpu::packed_size(pb.K, pb.Nc, pb.lanes)}, b.options());
+  cpu::pack_panels(b.const_data_ptr<float>(), b.stride(0), b.stride(1), pb.K, pb.Nc, pb.lanes,
+                   pb.panels.mutable_data_ptr<float>());
+  return pb;
+}
+
+// C (M x Nc, row stride ldc) = (accumulate ? C : 0) + A (M x K, row stride lda) B. Outside a
+// row block the work is split among the threads, ~64k multiply-adds at least per chunk (a
+// thread hand-off costs more below that): by rows when there are enough of them for whole
+// row tiles on every thread, else by column panels; inside a block at::parallel_for runs it
+// inline.
+void run_packed(const PackedB& pb, int64_t M, const float* A, int64_t lda, float* C,
+                int64_t ldc, bool accumulate) {
+  if (M == 0) return;
+  const float* bp = pb.panels.const_data_ptr<float>();
+  const int64_t NR = cpu::panel_width(pb.Nc, pb.lanes);
+  const int64_t panels = (pb.Nc + NR - 1) / NR;
+  constexpr int64_t kRows = 16;  // rows per chunk when splitting rows: whole row tiles
+  const int64_t work = std::max<int64_t>(1, pb.K * pb.Nc);
+  if (M >= 2 * kRows * at::get_num_threads() || panels == 1) {
+    const int64_t chunks = (M + kRows - 1) / kRows;
+    const int64_t grain = std::max<int64_t>(1, 65536 / (kRows * work));
+    at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+      pb.kernel(c0 * kRows, std::min(M, c1 * kRows), 0, panels, pb.Nc, pb.K, A, lda, bp, C, ldc,
+                accumulate);
+    });
+  } else {
+    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, M * pb.K * NR));
+    at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+      pb.kernel(0, M, p0, p1, pb.Nc, pb.K, A, lda, bp, C, ldc, accumulate);
+    });
+  }
+}
+
+// One weight of the time loop and how a step multiplies by it: C (M x Nc) = (accumulate ? C :
+// 0) + A (M x K) op(W), with op(W) = W^T for W stored (Nc x K) (trans) or W stored (K x Nc).
+// Float32 on an AVX2 or AVX-512 CPU runs the packed kernels on op(W) packed once per call;
+// everything else calls BLAS with W itself.
+template <typename T>
+struct StepWeight {
+  const T* w;
+  int64_t ld;
+  bool trans;
+  int64_t K, Nc;
+  PackedB packed;  // kernel null: the BLAS route
+
+  void operator()(int64_t M, const T* A, int64_t lda, T* C, int64_t ldc, bool accumulate) const {
+    if (M == 0) return;
+    if constexpr (std::is_same_v<T, float>) {
+      if (packed.kernel != nullptr) return run_packed(packed, M, A, lda, C, ldc, accumulate);
+    }
+    gemm_rowmajor<T>(trans, M, Nc, K, A, lda, w, ld, accumulate ? T(1) : T(0), C, ldc);
+  }
+};
+
+// The step weight for w (Nc x K when trans, else K x Nc), packed when the CPU runs a packed
+// kernel for T.
+template <typename T>
+StepWeight<T> step_weight(const at::Tensor& w, bool trans) {
+  StepWeight<T> sw{w.const_data_ptr<T>(), w.size(1), trans,
+                   trans ? w.size(1) : w.size(0), trans ? w.size(0) : w.size(1), {}};
+  if constexpr (std::is_same_v<T, float>) sw.packed = pack_b(trans ? w.t() : w);
+  return sw;
+}
+
 // Rows of a block active at processing step s, and how many of them continue step s - 1.
 struct BlockStep {
   int64_t n;       // active rows of the block, a prefix [r0, r0 + n)
@@ -164,8 +250,22 @@ bool blas_sizes_ok(const LoopArgs& a) {
   return big < std::numeric_limits<int>::max();
 }
 
+// The weights one direction of the loop multiplies by: the forward by W_hh^T and W_hr^T,
+// the backward by W_hh and W_hr.
 template <typename T>
-void forward_block(const LoopArgs& a, int64_t r0, int64_t r1) {
+struct LoopWeights {
+  StepWeight<T> hh, hr;
+};
+
+template <typename T>
+LoopWeights<T> loop_weights(const LoopArgs& a, bool forward) {
+  LoopWeights<T> lw{step_weight<T>(a.w_hh, forward), {}};
+  if (a.proj) lw.hr = step_weight<T>(a.w_hr, forward);
+  return lw;
+}
+
+template <typename T>
+void forward_block(const LoopArgs& a, const LoopWeights<T>& lw, int64_t r0, int64_t r1) {
   const Schedule& sch = *a.sch;
   const int64_t N = a.N, H = a.H, G = 4 * H, Hout = a.Hout;
   T* gates = a.gates.data_ptr<T>();
@@ -173,20 +273,14 @@ void forward_block(const LoopArgs& a, int64_t r0, int64_t r1) {
   T* out = a.output.data_ptr<T>();
   T* m = a.proj ? a.proj_in.data_ptr<T>() : out;
   const T* h0 = a.h0.const_data_ptr<T>();
-  const T* w_hh = a.w_hh.const_data_ptr<T>();
-  const T* w_hr = a.proj ? a.w_hr.const_data_ptr<T>() : nullptr;
   int64_t t_prev = -1;
   for (int64_t s = 0; s < sch.T; t_prev = sch.time(s), ++s) {
     const int64_t t = sch.time(s);
     const auto [n, n_cont] = block_step(sch, s, r0, r1 - r0);
     if (n == 0) continue;
     T* g_t = gates + (t * N + r0) * G;
-    if (n_cont > 0) {
-      gemm_rowmajor<T>(true, n_cont, G, Hout, out + (t_prev * N + r0) * Hout, Hout, w_hh, Hout,
-                       T(1), g_t, G);
-    }
-    gemm_rowmajor<T>(true, n - n_cont, G, Hout, h0 + (r0 + n_cont) * Hout, Hout, w_hh, Hout,
-                     T(1), g_t + n_cont * G, G);
+    if (n_cont > 0) lw.hh(n_cont, out + (t_prev * N + r0) * Hout, Hout, g_t, G, true);
+    lw.hh(n - n_cont, h0 + (r0 + n_cont) * Hout, Hout, g_t + n_cont * G, G, true);
 
     const cpu::ForwardRows<T> p{gates + t * N * G,
                                 t_prev >= 0 ? cells + t_prev * N * H : nullptr,
@@ -194,22 +288,17 @@ void forward_block(const LoopArgs& a, int64_t r0, int64_t r1) {
                                 m + t * N * H, H, r0 + n_cont};
     at::parallel_for(r0, r0 + n, grain_rows(H),
                      [&](int64_t b, int64_t e) { forward_rows_best<T>(p, b, e); });
-    if (a.proj) {
-      gemm_rowmajor<T>(true, n, Hout, H, m + (t * N + r0) * H, H, w_hr, H, T(0),
-                       out + (t * N + r0) * Hout, Hout);
-    }
+    if (a.proj) lw.hr(n, m + (t * N + r0) * H, H, out + (t * N + r0) * Hout, Hout, false);
   }
 }
 
 template <typename T>
-void backward_block(const LoopArgs& a, int64_t r0, int64_t r1) {
+void backward_block(const LoopArgs& a, const LoopWeights<T>& lw, int64_t r0, int64_t r1) {
   const Schedule& sch = *a.sch;
   const int64_t N = a.N, H = a.H, G = 4 * H, Hout = a.Hout;
   const T* gates = a.gates.const_data_ptr<T>();
   const T* cells = a.cells.const_data_ptr<T>();
   const T* gout = a.grad_output.defined() ? a.grad_output.const_data_ptr<T>() : nullptr;
-  const T* w_hh = a.w_hh.const_data_ptr<T>();
-  const T* w_hr = a.proj ? a.w_hr.const_data_ptr<T>() : nullptr;
   T* dh = a.dh.data_ptr<T>();
   T* dc = a.dc.data_ptr<T>();
   T* dgates = a.dgates.data_ptr<T>();
@@ -229,7 +318,7 @@ void backward_block(const LoopArgs& a, int64_t r0, int64_t r1) {
         if (gout) dh_rows[k] += gout[(t * N + r0) * Hout + k];
         dhs_rows[k] = dh_rows[k];
       }
-      gemm_rowmajor<T>(false, n, H, Hout, dh_rows, Hout, w_hr, H, T(0), dm + r0 * H, H);
+      lw.hr(n, dh_rows, Hout, dm + r0 * H, H, false);
     } else if (gout) {
       go_t = gout + t * N * H;
     }
@@ -239,42 +328,93 @@ void backward_block(const LoopArgs& a, int64_t r0, int64_t r1) {
                                  r0 + n_cont};
     at::parallel_for(r0, r0 + n, grain_rows(H),
                      [&](int64_t b, int64_t e) { backward_rows_best<T>(p, b, e); });
-    gemm_rowmajor<T>(false, n, Hout, G, dgates + (t * N + r0) * G, G, w_hh, Hout, T(0),
-                     dh + r0 * Hout, Hout);
+    lw.hh(n, dgates + (t * N + r0) * G, G, dh + r0 * Hout, Hout, false);
   }
 }
 
-// Rows per block: at least this many. Smaller blocks make each step's GEMM less efficient
-// than letting BLAS thread one GEMM over all rows: on the project's 2-core machines 32-row
-// blocks were 20% slower than one block at N = 64, and blocks gave no gain up to N = 1024.
-constexpr int64_t kMinBlockRows = 256;
+// Rows per block: at least this many, so that each step's GEMM keeps its row tiles full. With
+// two threads at the seed's sizes (N = 64, H = 64), two blocks of 32 rows beat one block whose
+// GEMMs and pointwise passes are split among the threads at every step by 8-15% (packed
+// kernels); with BLAS the two were even.
+constexpr int64_t kMinBlockRows = 16;
 
-template <void (*Block32)(const LoopArgs&, int64_t, int64_t),
-          void (*Block64)(const LoopArgs&, int64_t, int64_t)>
-bool run_blocks(const LoopArgs& a) {
-  const auto dt = a.gates.scalar_type();
-  if ((dt != at::kFloat && dt != at::kDouble) || !have_blas() || !blas_sizes_ok(a)) return false;
+template <typename T, bool kForward>
+void run_blocks_typed(const LoopArgs& a) {
+  const LoopWeights<T> lw = loop_weights<T>(a, kForward);
   const int64_t blocks = std::clamp<int64_t>(a.N / kMinBlockRows, 1, at::get_num_threads());
   const int64_t per = (a.N + blocks - 1) / blocks;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * per, r1 = std::min(a.N, r0 + per);
-      if (r0 < r1) (dt == at::kFloat ? Block32 : Block64)(a, r0, r1);
+      if (r0 >= r1) continue;
+      if constexpr (kForward) {
+        forward_block<T>(a, lw, r0, r1);
+      } else {
+        backward_block<T>(a, lw, r0, r1);
+      }
     }
   });
+}
+
+template <bool kForward>
+bool run_blocks(const LoopArgs& a) {
+  const auto dt = a.gates.scalar_type();
+  if ((dt != at::kFloat && dt != at::kDouble) || !have_blas() || !blas_sizes_ok(a)) return false;
+  if (dt == at::kFloat) {
+    run_blocks_typed<float, kForward>(a);
+  } else {
+    run_blocks_typed<double, kForward>(a);
+  }
   return true;
 }
 
-bool forward_loop_cpu(const LoopArgs& a) {
-  return run_blocks<forward_block<float>, forward_block<double>>(a);
+bool forward_loop_cpu(const LoopArgs& a) { return run_blocks<true>(a); }
+
+bool backward_loop_cpu(const LoopArgs& a) { return run_blocks<false>(a); }
+
+// a^T b for float32 a (K, M), b (K, Nc) on an AVX2/AVX-512 CPU (cpu::gemm_at_b): rows of the
+// result split among the threads in whole 8-row tiles, each element one sum in k order, so
+// the weight gradients do not depend on the thread count. Undefined for everything else.
+at::Tensor at_b_cpu(const at::Tensor& a, const at::Tensor& b) {
+  const Isa isa = active_isa().load(std::memory_order_relaxed);
+  if (a.scalar_type() != at::kFloat || isa == Isa::kScalar || a.stride(1) != 1 ||
+      b.stride(1) != 1) {
+    return {};
+  }
+  const int64_t K = a.size(0), M = a.size(1), Nc = b.size(1);
+  if (K == 0) return at::zeros({M, Nc}, a.options());
+  auto out = at::empty({M, Nc}, a.options());
+  const auto kernel = isa == Isa::kAvx512 ? cpu::gemm_at_b_avx512 : cpu::gemm_at_b_avx2;
+  const float* ap = a.const_data_ptr<float>();
+  const float* bp = b.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  constexpr int64_t kTile = 8;
+  const int64_t tiles = (M + kTile - 1) / kTile;
+  // ~256k multiply-adds per chunk of tiles.
+  const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, kTile * K * Nc));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    kernel(t0 * kTile, std::min(M, t1 * kTile), Nc, K, ap, a.stride(0), bp, b.stride(0), op, Nc,
+           false);
+  });
+  return out;
 }
 
-bool backward_loop_cpu(const LoopArgs& a) {
-  return run_blocks<backward_block<float>, backward_block<double>>(a);
+// c = a b (+ bias on every row) for float32 a (M, K) with unit column stride, b (K, Nc) of
+// any strides and c (M, Nc) contiguous, on an AVX2/AVX-512 CPU: the input projection (b =
+// W_ih^T) and dx (b = W_ih) through the packed kernels. False, with c untouched, otherwise.
+bool mm_cpu(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, const at::Tensor* bias) {
+  if (a.scalar_type() != at::kFloat || a.stride(1) != 1 || !c.is_contiguous()) return false;
+  const PackedB pb = pack_b(b);
+  if (pb.kernel == nullptr) return false;
+  const int64_t M = a.size(0);
+  if (bias) c.copy_(bias->view({1, -1}).expand_as(c));
+  run_packed(pb, M, a.const_data_ptr<float>(), a.stride(0), c.mutable_data_ptr<float>(),
+             c.stride(0), bias != nullptr);
+  return true;
 }
 
 constexpr CellKernels kCpuKernels{cell_forward_cpu, cell_backward_cpu, forward_loop_cpu,
-                                  backward_loop_cpu};
+                                  backward_loop_cpu, at_b_cpu, mm_cpu};
 
 void check_cpu(const at::Tensor& input) {
   TORCH_CHECK(input.device().is_cpu(), "handlstm: the CPU kernel got input on ", input.device());

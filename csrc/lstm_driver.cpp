@@ -249,17 +249,25 @@ at::Tensor mm_rowmajor(const at::Tensor& a, const at::Tensor& b) {
 // and their order depend on the shapes alone, so results stay deterministic.
 constexpr int64_t kGradRowsPerGemm = 4096;
 
-// a^T b for a (K, M) and b (K, Nc): the reduction over K of one block of rows.
-at::Tensor at_b(const at::Tensor& a, const at::Tensor& b) {
+// a^T b for a (K, M) and b (K, Nc): the reduction over K of one block of rows, by the
+// backend's own kernel where it has one (transposed when b has few columns, as in
+// mm_rowmajor), else by ATen.
+at::Tensor at_b(const at::Tensor& a, const at::Tensor& b, const CellKernels& kernels) {
+  if (kernels.at_b) {
+    const bool swap = few_columns(b, b.size(1)) && a.size(1) > b.size(1);
+    auto r = swap ? kernels.at_b(b, a) : kernels.at_b(a, b);
+    if (r.defined()) return swap ? r.t().contiguous() : r;
+  }
   return mm_rowmajor(a.t(), b);
 }
 
 // out (M, Ncol) += a^T b over the rows of a (K, M) and b (K, Ncol).
-void add_at_b(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+void add_at_b(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+              const CellKernels& kernels) {
   const int64_t K = a.size(0);
   if (out.scalar_type() != at::kFloat || K <= kGradRowsPerGemm) {
-    if (few_columns(out, b.size(1))) {
-      out.add_(at_b(a, b));
+    if (few_columns(out, b.size(1)) || kernels.at_b) {
+      out.add_(at_b(a, b, kernels));
     } else {
       out.addmm_(a.t(), b);
     }
@@ -268,7 +276,7 @@ void add_at_b(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   auto sum = out.to(at::kDouble);
   for (int64_t k0 = 0; k0 < K; k0 += kGradRowsPerGemm) {
     const int64_t k = std::min(kGradRowsPerGemm, K - k0);
-    sum.add_(at_b(a.narrow(0, k0, k), b.narrow(0, k0, k)));
+    sum.add_(at_b(a.narrow(0, k0, k), b.narrow(0, k0, k), kernels));
   }
   out.copy_(sum);
 }
@@ -304,10 +312,13 @@ ForwardResult lstm_forward_impl(const at::Tensor& input_, const at::Tensor& h0_,
   if (d.T * d.N > 0) {
     auto gates2d = gates.view({d.T * d.N, d.G});
     const auto x2d = x.view({d.T * d.N, d.I});
-    if (opt(bias_)) {
-      at::addmm_out(gates2d, dense(*bias_), x2d, w_ih.t());
-    } else {
-      at::mm_out(gates2d, x2d, w_ih.t());
+    const auto bias = opt(bias_) ? dense(*bias_) : at::Tensor();
+    if (!(kernels.mm && kernels.mm(gates2d, x2d, w_ih.t(), bias.defined() ? &bias : nullptr))) {
+      if (bias.defined()) {
+        at::addmm_out(gates2d, bias, x2d, w_ih.t());
+      } else {
+        at::mm_out(gates2d, x2d, w_ih.t());
+      }
     }
   }
 
@@ -411,11 +422,16 @@ BackwardResult lstm_backward_impl(
   // and one reduction; an unrequested one is not computed and comes back as (0,).
   const auto none = [&] { return at::empty({0}, opts); };
   const auto dg2d = dgates.view({d.T * d.N, d.G});
-  auto grad_input = mask[0] ? mm_rowmajor(dg2d, w_ih).view({d.T, d.N, d.I}) : none();
+  auto grad_input = none();
+  if (mask[0]) {
+    grad_input = at::empty({d.T, d.N, d.I}, opts);
+    auto gi2d = grad_input.view({d.T * d.N, d.I});
+    if (!(kernels.mm && kernels.mm(gi2d, dg2d, w_ih, nullptr))) gi2d.copy_(mm_rowmajor(dg2d, w_ih));
+  }
   auto grad_w_ih = none();
   if (mask[1]) {
     grad_w_ih = at::zeros({d.G, d.I}, opts);
-    add_at_b(grad_w_ih, dg2d, x.view({d.T * d.N, d.I}));
+    add_at_b(grad_w_ih, dg2d, x.view({d.T * d.N, d.I}), kernels);
   }
   auto grad_bias = mask[3] ? dgates.sum(at::IntArrayRef{0, 1}) : none();
 
@@ -427,20 +443,21 @@ BackwardResult lstm_backward_impl(
     if (d.T > 1) {
       const auto later = reverse ? dgates.narrow(0, 0, d.T - 1) : dgates.narrow(0, 1, d.T - 1);
       const auto earlier = reverse ? output.narrow(0, 1, d.T - 1) : output.narrow(0, 0, d.T - 1);
-      add_at_b(grad_w_hh, later.reshape({-1, d.G}), earlier.reshape({-1, d.Hout}));
+      add_at_b(grad_w_hh, later.reshape({-1, d.G}), earlier.reshape({-1, d.Hout}), kernels);
     }
     for (int64_t s = 0; s < d.T; ++s) {
       const int64_t n = sch.rows(s);
       const int64_t n_cont = s > 0 ? std::min(n, sch.rows(s - 1)) : 0;
       if (n > n_cont) {
-        grad_w_hh.addmm_(rows(dgates[sch.time(s)], n_cont, n).t(), rows(h0, n_cont, n));
+        add_at_b(grad_w_hh, rows(dgates[sch.time(s)], n_cont, n), rows(h0, n_cont, n), kernels);
       }
     }
   }
   auto grad_w_hr = none();
   if (d.proj && mask[4]) {
     grad_w_hr = at::zeros({d.Hout, d.H}, opts);
-    add_at_b(grad_w_hr, dhs.view({d.T * d.N, d.Hout}), proj_in.view({d.T * d.N, d.H}));
+    add_at_b(grad_w_hr, dhs.view({d.T * d.N, d.Hout}), proj_in.view({d.T * d.N, d.H}),
+             kernels);
   }
   return {grad_input, dh, dc, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }

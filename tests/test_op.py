@@ -395,9 +395,8 @@ def test_cuda_kernels_are_off_by_default_until_verified():
 ], ids=["plain", "reverse", "packed-proj", "packed-proj-reverse", "packed-reverse"])
 def test_cpu_row_blocks_match_reference(case):
     """The CPU time loop runs blocks of rows on separate threads (see csrc/lstm_cpu.cpp); with
-    N = 600 and 3 threads there are two blocks of 300 rows (at least kMinBlockRows = 256
-    each), packed lengths cross the block boundary, and every block must still equal the
-    float64 reference."""
+    N = 600 and 3 threads there are three blocks of 200 rows, packed lengths cross the block
+    boundaries, and every block must still equal the float64 reference."""
     T, N, I, H = 7, 600, 3, 9
     P = case.get("P", 0)
     args = make_args(T, N, I, H, P, seed=7)
@@ -418,6 +417,39 @@ def test_cpu_row_blocks_match_reference(case):
         torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-12)
     for a, e in zip(ours_grads, torch.autograd.grad(ref, _diff_inputs(args), g)):
         torch.testing.assert_close(a, e, atol=1e-11, rtol=1e-11)
+
+
+@pytest.mark.parametrize("shape", [(4, 13, 5, 33, 0), (4, 13, 5, 33, 5), (3, 40, 2, 70, 17),
+                                   (2, 1, 1, 1, 0)],
+                         ids=["N13-H33", "N13-H33-P5", "N40-H70-P17", "all-one"])
+def test_cpu_float_step_gemms_at_awkward_sizes(cpu_path, shape):
+    """Float32 on the AVX-512 / AVX2 paths multiplies by weights packed once per call
+    (csrc/cpu/gemm_cpu.h) and sums the weight gradients with the same tiles; the scalar path
+    calls BLAS. Row counts off the 8- and 6-row tiles, column counts off the 32- and 16-column
+    panels (G = 132, 280; P = 5, 17 below one vector), and one block (N = 13) or three (N = 40,
+    3 threads) must all equal the float64 reference; and since those kernels sum in a fixed
+    order, the results of 1 and 3 threads are bitwise equal."""
+    T, N, I, H, P = shape
+    args = make_args(T, N, I, H, P, dtype=torch.float32, seed=11)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 3):
+            torch.set_num_threads(n_threads)
+            outs = _call(args)
+            g = [torch.ones_like(t) * 0.5 for t in outs]
+            results.append(list(outs) + list(torch.autograd.grad(outs, _diff_inputs(args), g)))
+    finally:
+        torch.set_num_threads(threads)
+    args64 = [None if t is None else t.detach().double().requires_grad_() for t in args]
+    ref = list(reference.lstm(*args64[:6], weight_hr=args64[6]))
+    ref += list(torch.autograd.grad(ref, _diff_inputs(tuple(args64)),
+                                    [torch.ones_like(t) * 0.5 for t in ref]))
+    for a, e in zip(results[0], ref):
+        torch.testing.assert_close(a.double(), e, atol=2e-5, rtol=2e-5)
+    if cpu_path != "scalar":
+        for k, (a, b) in enumerate(zip(*results)):
+            assert torch.equal(a, b), k
 
 
 @pytest.mark.parametrize("device", device_params())

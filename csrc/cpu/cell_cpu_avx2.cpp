@@ -16,6 +16,7 @@
 #define CPU_CAPABILITY_AVX2
 
 #include "cell_cpu_simd.h"
+#include "gemm_cpu.h"
 
 namespace handlstm {
 
@@ -58,6 +59,39 @@ struct GateMath<at::vec::Vectorized<float>> {
 }  // namespace handlstm
 
 HANDLSTM_DEFINE_ROW_KERNELS(avx2)
+
+namespace handlstm::cpu {
+
+struct Avx2Ops {
+  using V = __m256;
+  static constexpr int64_t L = 8;
+  static constexpr int kRegs = 16;
+  // Lanes [0, n) on, for the masked load and store of a partial vector.
+  static __m256i lanes(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load_part(const float* p, int64_t n) { return _mm256_maskload_ps(p, lanes(n)); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static void store_part(float* p, V v, int64_t n) { _mm256_maskstore_ps(p, lanes(n), v); }
+  static V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V zero() { return _mm256_setzero_ps(); }
+};
+
+void gemm_packed_avx2(int64_t m0, int64_t m1, int64_t p0, int64_t p1, int64_t Nc, int64_t K,
+                        const float* A, int64_t lda, const float* Bp, float* C, int64_t ldc,
+                        bool accumulate) {
+  gemm_packed<Avx2Ops>(m0, m1, p0, p1, Nc, K, A, lda, Bp, C, ldc, accumulate);
+}
+
+void gemm_at_b_avx2(int64_t m0, int64_t m1, int64_t Nc, int64_t K, const float* a, int64_t lda,
+                    const float* b, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  gemm_at_b<Avx2Ops>(m0, m1, Nc, K, a, lda, b, ldb, C, ldc, accumulate);
+}
+
+}  // namespace handlstm::cpu
 
 #if defined(__clang__)
 #pragma clang attribute pop

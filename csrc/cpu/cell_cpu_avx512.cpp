@@ -32,6 +32,7 @@
 #define CPU_CAPABILITY_AVX512
 
 #include "cell_cpu_simd.h"
+#include "gemm_cpu.h"
 
 namespace handlstm {
 
@@ -71,6 +72,38 @@ struct GateMath<at::vec::Vectorized<float>> {
 }  // namespace handlstm
 
 HANDLSTM_DEFINE_ROW_KERNELS(avx512)
+
+namespace handlstm::cpu {
+
+struct Avx512Ops {
+  using V = __m512;
+  static constexpr int64_t L = 16;
+  static constexpr int kRegs = 32;
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load_part(const float* p, int64_t n) {
+    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+  }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static void store_part(float* p, V v, int64_t n) {
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v);
+  }
+  static V broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V zero() { return _mm512_setzero_ps(); }
+};
+
+void gemm_packed_avx512(int64_t m0, int64_t m1, int64_t p0, int64_t p1, int64_t Nc, int64_t K,
+                        const float* A, int64_t lda, const float* Bp, float* C, int64_t ldc,
+                        bool accumulate) {
+  gemm_packed<Avx512Ops>(m0, m1, p0, p1, Nc, K, A, lda, Bp, C, ldc, accumulate);
+}
+
+void gemm_at_b_avx512(int64_t m0, int64_t m1, int64_t Nc, int64_t K, const float* a, int64_t lda,
+                    const float* b, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  gemm_at_b<Avx512Ops>(m0, m1, Nc, K, a, lda, b, ldb, C, ldc, accumulate);
+}
+
+}  // namespace handlstm::cpu
 
 #if defined(__clang__)
 #pragma clang attribute pop
