@@ -174,28 +174,31 @@ PackedB pack_b(const at::Tensor& b) {
 }
 
 // C (M x Nc, row stride ldc) = (accumulate ? C : 0) + A (M x K, row stride lda) B. Outside a
-// row block the work is split among the threads, ~64k multiply-adds at least per chunk (a
-// thread hand-off costs more below that): by rows when there are enough of them for whole
-// row tiles on every thread, else by column panels; inside a block at::parallel_for runs it
-// inline.
+// row block the work is split among the threads, one contiguous range each: of rows when
+// every thread gets two 8-row tiles at least, else of column panels; below ~64k
+// multiply-adds per thread a hand-off costs more than it saves. Inside a block (or with one
+// thread) it is one call.
 void run_packed(const PackedB& pb, int64_t M, const float* A, int64_t lda, float* C,
                 int64_t ldc, bool accumulate) {
   if (M == 0) return;
   const float* bp = pb.panels.const_data_ptr<float>();
   const int64_t NR = cpu::panel_width(pb.Nc, pb.lanes);
   const int64_t panels = (pb.Nc + NR - 1) / NR;
-  constexpr int64_t kRows = 16;  // rows per chunk when splitting rows: whole row tiles
-  const int64_t work = std::max<int64_t>(1, pb.K * pb.Nc);
-  if (M >= 2 * kRows * at::get_num_threads() || panels == 1) {
-    const int64_t chunks = (M + kRows - 1) / kRows;
-    const int64_t grain = std::max<int64_t>(1, 65536 / (kRows * work));
-    at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
-      pb.kernel(c0 * kRows, std::min(M, c1 * kRows), 0, panels, pb.Nc, pb.K, A, lda, bp, C, ldc,
-                accumulate);
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t work = M * pb.K * pb.Nc;
+  if (threads == 1 || work < 2 * 65536) {
+    pb.kernel(0, M, 0, panels, pb.Nc, pb.K, A, lda, bp, C, ldc, accumulate);
+    return;
+  }
+  constexpr int64_t kTile = 8;
+  const int64_t tiles = (M + kTile - 1) / kTile;
+  if (tiles >= 2 * threads || panels == 1) {
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      pb.kernel(t0 * kTile, std::min(M, t1 * kTile), 0, panels, pb.Nc, pb.K, A, lda, bp, C,
+                ldc, accumulate);
     });
   } else {
-    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, M * pb.K * NR));
-    at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
       pb.kernel(0, M, p0, p1, pb.Nc, pb.K, A, lda, bp, C, ldc, accumulate);
     });
   }

@@ -153,6 +153,10 @@ constexpr int row_tile() {
   return NV == 2 ? (Ops::kRegs == 32 ? 8 : 6) : (Ops::kRegs == 32 ? 16 : 12);
 }
 
+// Floats of A per row block of gemm_packed (128 KiB): a block of rows stays in L2 while every
+// panel of B runs over it, so B streams from memory once per block, not once per row tile.
+constexpr int64_t kPackedBlockFloats = 32768;
+
 // C (M x Nc, row stride ldc) = (accumulate ? C : 0) + A (M x K, row stride lda) B, B packed
 // by pack_panels; only rows [m0, m1) and panels [p0, p1) (columns [p0 NR, p1 NR) within
 // [0, Nc), NR = panel_width(Nc, L)), so that callers can split rows or columns among threads.
@@ -161,24 +165,29 @@ void gemm_packed(int64_t m0, int64_t m1, int64_t p0, int64_t p1, int64_t Nc, int
                  const float* A, int64_t lda, const float* Bp, float* C, int64_t ldc,
                  bool accumulate) {
   constexpr int64_t L = Ops::L;
-  if (panel_width(Nc, L) == L) {  // one panel
-    if (p0 < p1) {
-      gemm_rows<Ops, row_tile<Ops, 1>(), 1, true>(m0, m1, A, lda, 1, Bp, L, K, C, ldc, Nc,
-                                                  accumulate);
+  int64_t mc = kPackedBlockFloats / (K > 0 ? K : 1);
+  mc = mc < 16 ? 16 : (mc > 512 ? 512 : mc - mc % 16);
+  for (int64_t b0 = m0; b0 < m1; b0 += mc) {
+    const int64_t b1 = m1 - b0 < mc ? m1 : b0 + mc;
+    if (panel_width(Nc, L) == L) {  // one panel
+      if (p0 < p1) {
+        gemm_rows<Ops, row_tile<Ops, 1>(), 1, true>(b0, b1, A, lda, 1, Bp, L, K, C, ldc, Nc,
+                                                    accumulate);
+      }
+      continue;
     }
-    return;
-  }
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t c0 = p * 2 * L;
-    const int64_t width = Nc - c0 < 2 * L ? Nc - c0 : 2 * L;
-    gemm_rows<Ops, row_tile<Ops, 2>(), 2, true>(m0, m1, A, lda, 1, Bp + c0 * K, 2 * L, K,
-                                                C + c0, ldc, width, accumulate);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t c0 = p * 2 * L;
+      const int64_t width = Nc - c0 < 2 * L ? Nc - c0 : 2 * L;
+      gemm_rows<Ops, row_tile<Ops, 2>(), 2, true>(b0, b1, A, lda, 1, Bp + c0 * K, 2 * L, K,
+                                                  C + c0, ldc, width, accumulate);
+    }
   }
 }
 
-// Rows of K per pass of gemm_at_b: a pass's slices of A (kKc x M) and B (kKc x Nc) stay in L2
-// while every tile of the rows runs over them.
-constexpr int64_t kKc = 256;
+// Floats of b per pass of gemm_at_b: a pass's rows of b (kc x Nc, 256 KiB) stay in L2 while
+// every row tile runs over all of them, and each tile's slice of a (kc x MR) comes in once.
+constexpr int64_t kAtBPassFloats = 65536;
 
 // The weight-gradient GEMM: rows [m0, m1) of C (M x Nc, row stride ldc) = (accumulate ? C : 0)
 // + a^T b, for a (K x M, row stride lda) and b (K x Nc, row stride ldb) both row-major, i.e.
@@ -188,20 +197,26 @@ constexpr int64_t kKc = 256;
 template <typename Ops>
 void gemm_at_b(int64_t m0, int64_t m1, int64_t Nc, int64_t K, const float* a, int64_t lda,
                const float* b, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  constexpr int64_t L = Ops::L;
+  constexpr int64_t NR = 2 * Ops::L;
   constexpr int MR = row_tile<Ops, 2>();
-  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
-    const int64_t kc = K - k0 < kKc ? K - k0 : kKc;
+  int64_t kc = kAtBPassFloats / (Nc > 0 ? Nc : 1);
+  kc = kc < 16 ? 16 : (kc > 1024 ? 1024 : kc);
+  for (int64_t k0 = 0; k0 < K; k0 += kc) {
+    const int64_t kn = K - k0 < kc ? K - k0 : kc;
     const bool acc = accumulate || k0 > 0;
-    for (int64_t c0 = 0; c0 < Nc; c0 += 2 * L) {
-      const int64_t width = Nc - c0 < 2 * L ? Nc - c0 : 2 * L;
-      const float* bk = b + k0 * ldb + c0;
-      if (width == 2 * L) {
-        gemm_rows<Ops, MR, 2, true>(m0, m1, a + k0 * lda, 1, lda, bk, ldb, kc, C + c0, ldc,
-                                    width, acc);
-      } else {
-        gemm_rows<Ops, MR, 2, false>(m0, m1, a + k0 * lda, 1, lda, bk, ldb, kc, C + c0, ldc,
-                                     width, acc);
+    const float* ak = a + k0 * lda;
+    const float* bk = b + k0 * ldb;
+    for (int64_t r0 = m0; r0 < m1; r0 += MR) {
+      const int64_t r1 = m1 - r0 < MR ? m1 : r0 + MR;
+      for (int64_t c0 = 0; c0 < Nc; c0 += NR) {
+        const int64_t width = Nc - c0 < NR ? Nc - c0 : NR;
+        if (width == NR) {
+          gemm_rows<Ops, MR, 2, true>(r0, r1, ak, 1, lda, bk + c0, ldb, kn, C + c0, ldc, width,
+                                      acc);
+        } else {
+          gemm_rows<Ops, MR, 2, false>(r0, r1, ak, 1, lda, bk + c0, ldb, kn, C + c0, ldc, width,
+                                       acc);
+        }
       }
     }
   }
