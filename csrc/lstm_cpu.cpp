@@ -157,8 +157,14 @@ struct PackedB {
                  const float*, float*, int64_t, bool) = nullptr;
 };
 
-// Packs b (K x Nc, any strides, float32) for the active ISA; kernel stays null on a CPU
-// without AVX2 (the callers then use BLAS).
+// Rows of A below which mm_cpu leaves a product to BLAS: a weight element costs about as much
+// to pack (a fresh buffer's page faults included) as 50 to 100 of its multiply-adds. The step
+// weights are packed whatever the row count: at N = 1 each step is a matrix-vector product,
+// for which MKL's generic kernels took twice as long as the packed loop including its packing.
+constexpr int64_t kMinPackedRows = 256;
+
+// Packs b (K x Nc, any strides, float32) for the active ISA; kernel stays null on a CPU without
+// AVX2 (the callers then use BLAS).
 PackedB pack_b(const at::Tensor& b) {
   PackedB pb;
   const Isa isa = active_isa().load(std::memory_order_relaxed);
@@ -168,8 +174,13 @@ PackedB pack_b(const at::Tensor& b) {
   pb.lanes = isa == Isa::kAvx512 ? cpu::kLanesAvx512 : cpu::kLanesAvx2;
   pb.kernel = isa == Isa::kAvx512 ? cpu::gemm_packed_avx512 : cpu::gemm_packed_avx2;
   pb.panels = at::empty({cpu::packed_size(pb.K, pb.Nc, pb.lanes)}, b.options());
-  cpu::pack_panels(b.const_data_ptr<float>(), b.stride(0), b.stride(1), pb.K, pb.Nc, pb.lanes,
-                   pb.panels.mutable_data_ptr<float>());
+  const float* src = b.const_data_ptr<float>();
+  float* dst = pb.panels.mutable_data_ptr<float>();
+  const int64_t NR = cpu::panel_width(pb.Nc, pb.lanes);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, pb.K * NR));
+  at::parallel_for(0, (pb.Nc + NR - 1) / NR, grain, [&](int64_t p0, int64_t p1) {
+    cpu::pack_panels(src, b.stride(0), b.stride(1), pb.K, pb.Nc, pb.lanes, dst, p0, p1);
+  });
   return pb;
 }
 
@@ -385,6 +396,10 @@ at::Tensor at_b_cpu(const at::Tensor& a, const at::Tensor& b) {
     return {};
   }
   const int64_t K = a.size(0), M = a.size(1), Nc = b.size(1);
+  // gemm_at_b keeps the tiles of C in registers for one pass over a block of K and reloads
+  // them for the next; a C beyond 4 MiB (H = 1024: 16 MiB for dW_hh) makes those reloads
+  // the bottleneck, where BLAS's deeper blocking wins.
+  if (M * Nc > (int64_t{1} << 20)) return {};
   if (K == 0) return at::zeros({M, Nc}, a.options());
   auto out = at::empty({M, Nc}, a.options());
   const auto kernel = isa == Isa::kAvx512 ? cpu::gemm_at_b_avx512 : cpu::gemm_at_b_avx2;
@@ -407,9 +422,10 @@ at::Tensor at_b_cpu(const at::Tensor& a, const at::Tensor& b) {
 // W_ih^T) and dx (b = W_ih) through the packed kernels. False, with c untouched, otherwise.
 bool mm_cpu(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, const at::Tensor* bias) {
   if (a.scalar_type() != at::kFloat || a.stride(1) != 1 || !c.is_contiguous()) return false;
+  const int64_t M = a.size(0);
+  if (M < kMinPackedRows) return false;
   const PackedB pb = pack_b(b);
   if (pb.kernel == nullptr) return false;
-  const int64_t M = a.size(0);
   if (bias) c.copy_(bias->view({1, -1}).expand_as(c));
   run_packed(pb, M, a.const_data_ptr<float>(), a.stride(0), c.mutable_data_ptr<float>(),
              c.stride(0), bias != nullptr);

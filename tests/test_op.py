@@ -419,16 +419,18 @@ def test_cpu_row_blocks_match_reference(case):
         torch.testing.assert_close(a, e, atol=1e-11, rtol=1e-11)
 
 
-@pytest.mark.parametrize("shape", [(4, 13, 5, 33, 0), (4, 13, 5, 33, 5), (3, 40, 2, 70, 17),
+@pytest.mark.parametrize("shape", [(20, 13, 5, 33, 0), (20, 13, 5, 33, 5), (8, 40, 2, 70, 17),
                                    (2, 1, 1, 1, 0)],
                          ids=["N13-H33", "N13-H33-P5", "N40-H70-P17", "all-one"])
 def test_cpu_float_step_gemms_at_awkward_sizes(cpu_path, shape):
     """Float32 on the AVX-512 / AVX2 paths multiplies by weights packed once per call
-    (csrc/cpu/gemm_cpu.h) and sums the weight gradients with the same tiles; the scalar path
-    calls BLAS. Row counts off the 8- and 6-row tiles, column counts off the 32- and 16-column
-    panels (G = 132, 280; P = 5, 17 below one vector), and one block (N = 13) or three (N = 40,
-    3 threads) must all equal the float64 reference; and since those kernels sum in a fixed
-    order, the results of 1 and 3 threads are bitwise equal."""
+    (csrc/cpu/gemm_cpu.h), the input projection and dx too once T N reaches kMinPackedRows =
+    256 (below, as in the all-one case, BLAS), and sums the weight gradients with the same
+    tiles; the scalar path calls BLAS.
+    Row counts off the 8- and 6-row tiles, column counts off the 32- and 16-column panels
+    (G = 132, 280; P = 5, 17 below one vector), and one block (N = 13) or two (N = 40, 3
+    threads: blocks of at least 16 rows) must all equal the float64 reference; and since
+    those kernels sum in a fixed order, the results of 1 and 3 threads are bitwise equal."""
     T, N, I, H, P = shape
     args = make_args(T, N, I, H, P, dtype=torch.float32, seed=11)
     results = []
@@ -441,12 +443,20 @@ def test_cpu_float_step_gemms_at_awkward_sizes(cpu_path, shape):
             results.append(list(outs) + list(torch.autograd.grad(outs, _diff_inputs(args), g)))
     finally:
         torch.set_num_threads(threads)
-    args64 = [None if t is None else t.detach().double().requires_grad_() for t in args]
-    ref = list(reference.lstm(*args64[:6], weight_hr=args64[6]))
-    ref += list(torch.autograd.grad(ref, _diff_inputs(tuple(args64)),
-                                    [torch.ones_like(t) * 0.5 for t in ref]))
-    for a, e in zip(results[0], ref):
-        torch.testing.assert_close(a.double(), e, atol=2e-5, rtol=2e-5)
+    def reference_results(dtype):
+        leaves = tuple(None if t is None else t.detach().to(dtype).requires_grad_()
+                       for t in args)
+        outs = list(reference.lstm(*leaves[:6], weight_hr=leaves[6]))
+        return outs + list(torch.autograd.grad(outs, _diff_inputs(leaves),
+                                               [torch.ones_like(t) * 0.5 for t in outs]))
+
+    # Float32 error over 20 steps of backpropagation grows with the values; the bar is the
+    # float32 reference (plain PyTorch ops): at most 4x its error against float64.
+    exact, baseline = reference_results(torch.float64), reference_results(torch.float32)
+    for a, e, b in zip(results[0], exact, baseline):
+        err = (a.double() - e).abs().max().item()
+        base_err = (b.double() - e).abs().max().item()
+        assert err <= max(4 * base_err, 1e-6 * max(1.0, e.abs().max().item())), (err, base_err)
     if cpu_path != "scalar":
         for k, (a, b) in enumerate(zip(*results)):
             assert torch.equal(a, b), k

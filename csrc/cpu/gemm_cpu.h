@@ -40,19 +40,33 @@ inline int64_t packed_size(int64_t K, int64_t Nc, int64_t L) {
   return (Nc + NR - 1) / NR * NR * K;
 }
 
-// Packs B (K x Nc), whose element (k, c) is b[k * stride_k + c * stride_c], into `out`, which
-// holds packed_size(K, Nc, L) floats: panel p (columns [p NR, p NR + NR)) is K rows of NR
-// floats, zero-padded past Nc. Strides let one routine pack W (K = rows) and W^T.
+// Packs panels [p0, p1) of B (K x Nc), whose element (k, c) is b[k * stride_k + c * stride_c],
+// into `out`, which holds packed_size(K, Nc, L) floats: panel p (columns [p NR, p NR + NR))
+// is K rows of NR floats, zero-padded past Nc. Strides let one routine pack W (K = rows) and
+// W^T. Each panel is filled in blocks of 16 rows of K, within which the loop runs along
+// whichever of k and c is B's unit stride, so both W and W^T are read in whole cache lines.
 inline void pack_panels(const float* b, int64_t stride_k, int64_t stride_c, int64_t K,
-                        int64_t Nc, int64_t L, float* out) {
+                        int64_t Nc, int64_t L, float* out, int64_t p0, int64_t p1) {
   const int64_t NR = panel_width(Nc, L);
-  const int64_t panels = (Nc + NR - 1) / NR;
-  for (int64_t p = 0; p < panels; ++p) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t p = p0; p < p1; ++p) {
     float* dst = out + p * K * NR;
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t j = 0; j < NR; ++j) {
-        const int64_t c = p * NR + j;
-        dst[k * NR + j] = c < Nc ? b[k * stride_k + c * stride_c] : 0.0f;
+    const int64_t c0 = p * NR;
+    const int64_t width = Nc - c0 < NR ? Nc - c0 : NR;
+    for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
+      const int64_t k1 = K - k0 < kBlock ? K : k0 + kBlock;
+      if (stride_c == 1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          for (int64_t j = 0; j < NR; ++j) {
+            dst[k * NR + j] = j < width ? b[k * stride_k + c0 + j] : 0.0f;
+          }
+        }
+      } else {
+        for (int64_t j = 0; j < NR; ++j) {
+          for (int64_t k = k0; k < k1; ++k) {
+            dst[k * NR + j] = j < width ? b[k * stride_k + (c0 + j) * stride_c] : 0.0f;
+          }
+        }
       }
     }
   }
