@@ -35,46 +35,10 @@
 #include "gemm_cpu.h"
 
 namespace handlstm {
+namespace cpu {
 
-// float: the inline Cephes-style exp of the AVX2 unit (see cell_cpu_avx2.cpp for the scheme,
-// its range clamp and its NaN handling) on 16 lanes; SLEEF's out-of-line expf took 11% of a
-// float32 forward at the seed's sizes.
-template <>
-struct GateMath<at::vec::Vectorized<float>> {
-  using V = at::vec::Vectorized<float>;
-
-  static V exp(V xv) {
-    const __m512 x_in = xv;
-    __m512 x = _mm512_min_ps(_mm512_max_ps(x_in, _mm512_set1_ps(-87.336544f)),
-                             _mm512_set1_ps(88.8f));
-    const __m512 n = _mm512_roundscale_ps(
-        _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
-    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
-    const __m512i e = _mm512_slli_epi32(
-        _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    const __m512 r = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
-    const __mmask16 nan = _mm512_cmp_ps_mask(x_in, x_in, _CMP_UNORD_Q);
-    return V(_mm512_mask_blend_ps(nan, r, x_in));
-  }
-
-  static V tanh(V x) { return tanh_from_exp(x); }
-};
-
-}  // namespace handlstm
-
-HANDLSTM_DEFINE_ROW_KERNELS(avx512)
-
-namespace handlstm::cpu {
-
+// The raw 16-lane operations that the shared templates (cephes_exp in cell_cpu_simd.h, the
+// GEMMs in gemm_cpu.h) are written in.
 struct Avx512Ops {
   using V = __m512;
   static constexpr int64_t L = 16;
@@ -88,22 +52,43 @@ struct Avx512Ops {
     _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v);
   }
   static V broadcast(const float* p) { return _mm512_set1_ps(*p); }
-  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
   static V zero() { return _mm512_setzero_ps(); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V fnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V min(V a, V b) { return _mm512_min_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V floor(V x) {
+    return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  }
+  // 2^n for integral n in [-127, 128] (128 gives +inf), through the exponent bits.
+  static V pow2(V n) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+  }
+  // x where x is NaN, r elsewhere.
+  static V keep_nan(V r, V x) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, x);
+  }
 };
 
-void gemm_packed_avx512(int64_t m0, int64_t m1, int64_t p0, int64_t p1, int64_t Nc, int64_t K,
-                        const float* A, int64_t lda, const float* Bp, float* C, int64_t ldc,
-                        bool accumulate) {
-  gemm_packed<Avx512Ops>(m0, m1, p0, p1, Nc, K, A, lda, Bp, C, ldc, accumulate);
-}
+}  // namespace cpu
 
-void gemm_at_b_avx512(int64_t m0, int64_t m1, int64_t Nc, int64_t K, const float* a, int64_t lda,
-                    const float* b, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  gemm_at_b<Avx512Ops>(m0, m1, Nc, K, a, lda, b, ldb, C, ldc, accumulate);
-}
+// float: exp is cephes_exp on 16 lanes; SLEEF's out-of-line expf took 11% of a float32
+// forward at the seed's sizes.
+template <>
+struct GateMath<at::vec::Vectorized<float>> {
+  using V = at::vec::Vectorized<float>;
+  static V exp(V x) { return V(cephes_exp<cpu::Avx512Ops>(x)); }
+  static V tanh(V x) { return tanh_from_exp(x); }
+};
 
-}  // namespace handlstm::cpu
+}  // namespace handlstm
+
+HANDLSTM_DEFINE_ROW_KERNELS(avx512)
+HANDLSTM_DEFINE_GEMM_KERNELS(avx512, Avx512Ops)
 
 #if defined(__clang__)
 #pragma clang attribute pop

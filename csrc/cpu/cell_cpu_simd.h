@@ -18,6 +18,31 @@ struct GateMath<at::vec::Vectorized<double>> {
   static V tanh(V x) { return x.tanh(); }
 };
 
+// exp for float vectors of an ISA unit's raw operations `Ops` (Avx2Ops, Avx512Ops), inline,
+// the classic Cephes scheme:
+//   exp(x) = 2^n e^r,  n = floor(x log2 e + 1/2),  r = x - n ln 2 (ln 2 split in two for
+//   exactness), e^r by a degree-6 polynomial on |r| <= ln(2)/2; about 1 ulp on the clamped
+//   range.
+// x is clamped to [-87.336, 88.8]: the bottom gives FLT_MIN (no denormal exponent arithmetic),
+// the top makes 2^n overflow to +inf exactly where it should for the sigmoid's 1 / (1 + e^-x)
+// to saturate to 0. NaN is restored after the clamp, which would otherwise drop it.
+template <typename Ops>
+typename Ops::V cephes_exp(typename Ops::V x_in) {
+  using V = typename Ops::V;
+  V x = Ops::min(Ops::max(x_in, Ops::set1(-87.336544f)), Ops::set1(88.8f));
+  const V n = Ops::floor(Ops::fma(x, Ops::set1(1.44269504088896341f), Ops::set1(0.5f)));
+  x = Ops::fnma(n, Ops::set1(0.693359375f), x);
+  x = Ops::fnma(n, Ops::set1(-2.12194440e-4f), x);
+  V y = Ops::set1(1.9875691500e-4f);
+  y = Ops::fma(y, x, Ops::set1(1.3981999507e-3f));
+  y = Ops::fma(y, x, Ops::set1(8.3334519073e-3f));
+  y = Ops::fma(y, x, Ops::set1(4.1665795894e-2f));
+  y = Ops::fma(y, x, Ops::set1(1.6666665459e-1f));
+  y = Ops::fma(y, x, Ops::set1(5.0000001201e-1f));
+  y = Ops::fma(y, Ops::mul(x, x), Ops::add(x, Ops::set1(1.0f)));
+  return Ops::keep_nan(Ops::mul(y, Ops::pow2(n)), x_in);
+}
+
 // tanh for float vectors, built on the unit's GateMath<Vectorized<float>>::exp (SLEEF's vector
 // tanhf measured ~8x slower than its expf, and tanh is two of the five transcendentals of an
 // element):

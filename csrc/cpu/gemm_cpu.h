@@ -21,8 +21,10 @@
 // (plus C itself first when accumulating), independent of the tile and of the thread that
 // computes it, so results do not depend on block boundaries or the thread count.
 //
-// The templates need ATen's Vectorized<float> of an ISA unit: only cell_cpu_avx2.cpp and
-// cell_cpu_avx512.cpp instantiate them; everyone else calls the declared entry points.
+// The kernel templates need an ISA unit's raw vector operations: only cell_cpu_avx2.cpp and
+// cell_cpu_avx512.cpp instantiate them; everyone else calls the declared entry points. The
+// plain helpers (panel_width, packed_size, pack_panels) have internal linkage, so the linker
+// can never hand the generic code a copy compiled for an ISA unit's instruction set.
 #pragma once
 
 #include <cstdint>
@@ -33,9 +35,9 @@ namespace cpu {
 // Column panels are two vectors wide (NR = 2 L), or one (NR = L) when all of B's columns fit
 // in one vector: a narrow B (dx = dp W_ih with I = 12) would leave most of a two-vector tile
 // idle.
-inline int64_t panel_width(int64_t Nc, int64_t L) { return Nc <= L ? L : 2 * L; }
+static inline int64_t panel_width(int64_t Nc, int64_t L) { return Nc <= L ? L : 2 * L; }
 
-inline int64_t packed_size(int64_t K, int64_t Nc, int64_t L) {
+static inline int64_t packed_size(int64_t K, int64_t Nc, int64_t L) {
   const int64_t NR = panel_width(Nc, L);
   return (Nc + NR - 1) / NR * NR * K;
 }
@@ -45,7 +47,7 @@ inline int64_t packed_size(int64_t K, int64_t Nc, int64_t L) {
 // is K rows of NR floats, zero-padded past Nc. Strides let one routine pack W (K = rows) and
 // W^T. Each panel is filled in blocks of 16 rows of K, within which the loop runs along
 // whichever of k and c is B's unit stride, so both W and W^T are read in whole cache lines.
-inline void pack_panels(const float* b, int64_t stride_k, int64_t stride_c, int64_t K,
+static inline void pack_panels(const float* b, int64_t stride_k, int64_t stride_c, int64_t K,
                         int64_t Nc, int64_t L, float* out, int64_t p0, int64_t p1) {
   const int64_t NR = panel_width(Nc, L);
   constexpr int64_t kBlock = 16;
@@ -235,6 +237,21 @@ void gemm_at_b(int64_t m0, int64_t m1, int64_t Nc, int64_t K, const float* a, in
     }
   }
 }
+
+// The entry points of one ISA unit, declared below: HANDLSTM_DEFINE_GEMM_KERNELS(avx2, Avx2Ops).
+#define HANDLSTM_DEFINE_GEMM_KERNELS(SUFFIX, OPS)                                               \
+  namespace handlstm::cpu {                                                                     \
+  void gemm_packed_##SUFFIX(int64_t m0, int64_t m1, int64_t p0, int64_t p1, int64_t Nc,        \
+                            int64_t K, const float* A, int64_t lda, const float* Bp, float* C,  \
+                            int64_t ldc, bool accumulate) {                                     \
+    gemm_packed<OPS>(m0, m1, p0, p1, Nc, K, A, lda, Bp, C, ldc, accumulate);                    \
+  }                                                                                             \
+  void gemm_at_b_##SUFFIX(int64_t m0, int64_t m1, int64_t Nc, int64_t K, const float* a,       \
+                          int64_t lda, const float* b, int64_t ldb, float* C, int64_t ldc,      \
+                          bool accumulate) {                                                    \
+    gemm_at_b<OPS>(m0, m1, Nc, K, a, lda, b, ldb, C, ldc, accumulate);                          \
+  }                                                                                             \
+  }
 
 #endif  // CPU_CAPABILITY
 
