@@ -7,16 +7,18 @@
 # 2. the CUDA tests (pytest -m cuda)
 # 3. compute-sanitizer memcheck, then racecheck, on a small forward + backward
 # 4. the benchmark (default preset, all dtypes, both TF32 settings) in the time that is left
-# 5. a summary of the steps, and the ratio table printed last
+# 5. the benchmark again with the persistent CUDA loops on (seed and latency, quick preset)
+# 6. a summary of the steps, and the ratio table printed last
 #
 # Every step has a time cap and the whole run a deadline (GPU_CHECK_BUDGET seconds, default 450),
 # so it ends in under 8 minutes; a step that fails or times out is reported and the next one
 # still runs. If the build fails, the benchmark times the baselines alone.
 #
-# What lands in OUTDIR (five files, so all of them come back from a lent machine):
+# What lands in OUTDIR (eight files, so all of them come back from a lent machine):
 #   check.log  every step's command, output, exit status and duration (also nvidia-smi, versions)
 #   bench.txt  the benchmark's terminal output (the ratio table and the targets)
 #   bench.csv  bench.md  bench.png  the benchmark's results (see benchmarks/README.md)
+#   persistent/bench.txt  bench.csv  bench.md  the same with the persistent loops on
 #
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default
 # 16), GPU_CHECK_BUDGET, BENCH_ARGS (extra arguments for the benchmark, e.g. "--quick").
@@ -127,8 +129,18 @@ bench() {
     return "$rc"
 }
 
+# The persistent CUDA time loops (off by default, never run before this script): ours against
+# cuDNN on the seed and small-batch workloads, float32 (TF32 off) and bfloat16, in OUTDIR/persistent.
+bench_persistent() {
+    mkdir -p "$OUTDIR/persistent"
+    HANDLSTM_CUDA_PERSISTENT=1 "$PY" -m benchmarks.bench --device cuda --quick \
+        --groups seed,latency --dtypes float32,bfloat16 --tf32 off --impls ours,torch \
+        --budget $(($(left) - 20)) --no-progress --no-plot --out "$OUTDIR/persistent" \
+        | tee "$OUTDIR/persistent/bench.txt"
+}
+
 export PY OUTDIR DEADLINE
-export -f left env_info built_for_sm90 run_tests sanitize bench
+export -f left env_info built_for_sm90 run_tests sanitize bench bench_persistent
 
 step env 30 env_info
 if step build 240 "$PY" setup.py build_ext --inplace; then
@@ -136,8 +148,10 @@ if step build 240 "$PY" setup.py build_ext --inplace; then
     step tests 90 run_tests
     step memcheck 75 sanitize memcheck
     step racecheck 75 sanitize racecheck
-    # The benchmark last, with whatever time is left (at most 300 s).
-    step bench 300 bench ours,torch,reference
+    # The benchmark with whatever time is left (at most 220 s), then the persistent loops on
+    # the small-batch workloads where they are meant to win (at most 90 s).
+    step bench 220 bench ours,torch,reference
+    step persistent 90 bench_persistent
 else
     echo "=== the build failed: timing the baselines only" >>"$LOG"
     step bench 300 bench torch,reference

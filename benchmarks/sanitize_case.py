@@ -4,7 +4,7 @@
         python3 -m benchmarks.sanitize_case
 
 Odd sizes (so no tile divides them evenly), then reverse=True and a ragged batch_sizes, then the
-multi-layer bidirectional module where it exists. Without the caching allocator every tensor is
+persistent time loops (float32 and bfloat16), then the multi-layer bidirectional module. Without the caching allocator every tensor is
 its own allocation, so memcheck sees an access one past a tensor's end. Exits non-zero when the
 results disagree with the reference loop, so a run that computes garbage does not pass as clean.
 
@@ -59,6 +59,13 @@ def main(argv):
     ok = _case(hl, ref, device, T=5, N=3, I=7, H=33, dtype=torch.float32)
     ok &= _case(hl, ref, device, T=4, N=5, I=12, H=64, dtype=torch.float32, reverse=True,
                 batch_sizes=torch.tensor([5, 4, 2, 1]))
+    if hasattr(hl, "set_cuda_persistent_enabled"):
+        # The persistent time loops (shared memory, __syncthreads) are racecheck's main target.
+        hl.set_cuda_persistent_enabled(True)
+        print("persistent CUDA loops on:")
+        ok &= _case(hl, ref, device, T=6, N=11, I=5, H=33, dtype=torch.float32)
+        ok &= _case(hl, ref, device, T=3, N=9, I=4, H=16, dtype=torch.bfloat16, reverse=True)
+        hl.set_cuda_persistent_enabled(False)
     if hasattr(hl, "LSTM"):
         torch.manual_seed(0)
         base = torch.nn.LSTM(7, 17, num_layers=3, bidirectional=True).to(device)

@@ -116,6 +116,15 @@ using GradMask = std::array<bool, 5>;
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                   at::Tensor, at::Tensor>;
 
+// The persistent CUDA time loops (lstm_cuda_persistent.cu; CUDA builds only): CellKernels
+// forward_loop / backward_loop hooks that return false when the flag is off or the arguments
+// are out of their scope. The flag is off by default, since these loops have not yet run on
+// a GPU; it lives in lstm_ops.cpp, so CPU-only builds keep the Python switch.
+bool cuda_persistent_enabled();
+void set_cuda_persistent_enabled(bool enabled);
+bool persistent_forward_loop(const LoopArgs& a);
+bool persistent_backward_loop(const LoopArgs& a);
+
 ForwardResult lstm_forward_impl(const at::Tensor& input, const at::Tensor& h0,
                                 const at::Tensor& c0, const at::Tensor& weight_ih,
                                 const at::Tensor& weight_hh,

@@ -1,6 +1,8 @@
 // CUDA backend: the fused pointwise kernels (cell_forward_kernel / cell_backward_kernel), their
 // launchers, and the backend entries registered for the CUDA dispatch key. GEMMs run in the
 // shared driver through ATen, i.e. cuBLAS with ATen's handle on the caller's current stream.
+// The persistent time loops (lstm_cuda_persistent.cu) replace the per-step loop when enabled
+// and in their scope.
 //
 // One thread per (row, hidden unit) element of a step, a grid-stride loop over n * H with
 // 64-bit indices, so no element count or grid dimension limit applies.
@@ -118,7 +120,8 @@ void launch_cell_backward(const CellBackwardArgs& a) {
   });
 }
 
-constexpr CellKernels kCudaKernels{launch_cell_forward, launch_cell_backward};
+constexpr CellKernels kCudaKernels{launch_cell_forward, launch_cell_backward,
+                                   persistent_forward_loop, persistent_backward_loop};
 
 ForwardResult lstm_forward_cuda(const at::Tensor& input, const at::Tensor& h0,
                                 const at::Tensor& c0, const at::Tensor& weight_ih,

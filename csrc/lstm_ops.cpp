@@ -6,10 +6,24 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <atomic>
+
+#include "lstm.h"
+
 namespace handlstm {
 const char* cpu_pointwise_path();
 void set_cpu_pointwise_path(const std::string& name);
+
+namespace {
+std::atomic<bool>& persistent_flag() {
+  static std::atomic<bool> flag{false};
+  return flag;
 }
+}  // namespace
+
+bool cuda_persistent_enabled() { return persistent_flag().load(std::memory_order_relaxed); }
+void set_cuda_persistent_enabled(bool enabled) { persistent_flag().store(enabled); }
+}  // namespace handlstm
 
 TORCH_LIBRARY(handlstm, m) {
   // Returns (output (T, N, Hout), h_n (N, Hout), c_n (N, H), gates (T, N, 4H) activated,
@@ -47,4 +61,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The CPU pointwise path in use: 'avx512', 'avx2' or 'scalar' (chosen at load time).");
   m.def("_set_cpu_pointwise_path", &handlstm::set_cpu_pointwise_path,
         "Use a narrower CPU pointwise path (tests run every path the CPU has).");
+  m.def("cuda_persistent_enabled", &handlstm::cuda_persistent_enabled,
+        "Whether CUDA calls in scope take the persistent time loops (not yet run on a GPU).");
+  m.def("_set_cuda_persistent_enabled", &handlstm::set_cuda_persistent_enabled,
+        "Turn the persistent CUDA time loops on or off (no effect in a CPU-only build).");
 }

@@ -8,9 +8,11 @@ See README.md for the API, the drop-in modules and the benchmarks.
 
 from . import reference
 from ._ext import cpu_pointwise_path, has_cuda_kernels
-from ._ops import LSTMFunction, cuda_kernels_enabled, lstm, set_cuda_kernels_enabled
+from ._ops import (LSTMFunction, cuda_kernels_enabled, cuda_persistent_enabled, lstm,
+                   set_cuda_kernels_enabled, set_cuda_persistent_enabled)
 from .modules import LSTM, LSTMCell
 
 __all__ = ["lstm", "LSTMFunction", "LSTM", "LSTMCell", "reference", "has_cuda_kernels",
-           "cpu_pointwise_path", "cuda_kernels_enabled", "set_cuda_kernels_enabled"]
+           "cpu_pointwise_path", "cuda_kernels_enabled", "set_cuda_kernels_enabled",
+           "cuda_persistent_enabled", "set_cuda_persistent_enabled"]
 __version__ = "0.1.0"

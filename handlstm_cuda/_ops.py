@@ -248,6 +248,25 @@ _cuda_kernels_enabled = os.environ.get("HANDLSTM_CUDA_KERNELS", "0") == "1"
 _warned_cuda_fallback = False
 
 
+# The persistent CUDA time loops (csrc/lstm_cuda_persistent.cu: one launch for all steps, the
+# recurrent weight in shared memory) have not run on a GPU either: off unless
+# HANDLSTM_CUDA_PERSISTENT=1 (read at import) or set_cuda_persistent_enabled(True). They only
+# take effect where the fused CUDA kernels run at all (see above).
+if os.environ.get("HANDLSTM_CUDA_PERSISTENT", "0") == "1":
+    _ext._C._set_cuda_persistent_enabled(True)
+
+
+def cuda_persistent_enabled():
+    """Whether CUDA calls in the persistent loops' scope (no projection, no packed batch, the
+    recurrent weight fitting in one block's shared memory) run them."""
+    return _ext._C.cuda_persistent_enabled()
+
+
+def set_cuda_persistent_enabled(enabled):
+    """Turn the not-yet-GPU-verified persistent CUDA time loops on or off for this process."""
+    _ext._C._set_cuda_persistent_enabled(bool(enabled))
+
+
 def cuda_kernels_enabled():
     """Whether `lstm` runs our CUDA kernels for CUDA tensors (else the reference path)."""
     return _cuda_kernels_enabled

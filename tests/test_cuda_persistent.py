@@ -1,0 +1,139 @@
+"""The persistent CUDA time loops (csrc/lstm_cuda_persistent.cu) against the generic CUDA loop
+and the float64 reference.
+
+They are off by default (never run on a GPU before benchmarks/gpu_check.sh runs these tests);
+each test turns them on for itself. Without a GPU only the switch test runs.
+Shape vocabulary: T time, N batch, I input, H hidden, G = 4H, P projection size.
+"""
+
+import pytest
+import torch
+
+import handlstm_cuda as hl
+from conftest import make_args, packed_batch_sizes
+from handlstm_cuda import reference
+
+# In scope: no projection, every row active, W_hh fitting one block's shared memory. H = 1, 33
+# and 96 (the float32 limit on an H200), N off the rows-per-block tiles, T = 1.
+IN_SCOPE = [(1, 1, 1, 1), (62, 64, 12, 64), (5, 13, 7, 33), (3, 2, 4, 96), (4, 300, 3, 8)]
+SCOPE_IDS = ["T1-N1-H1", "seed", "N13-H33", "H96", "N300"]
+
+
+@pytest.fixture
+def persistent():
+    before = hl.cuda_persistent_enabled()
+    hl.set_cuda_persistent_enabled(True)
+    yield
+    hl.set_cuda_persistent_enabled(before)
+
+
+def test_switch_is_off_by_default_and_toggles():
+    """Off unless HANDLSTM_CUDA_PERSISTENT=1 (CI does not set it); the setter round-trips."""
+    import os
+
+    if os.environ.get("HANDLSTM_CUDA_PERSISTENT") != "1":
+        assert not hl.cuda_persistent_enabled()
+    before = hl.cuda_persistent_enabled()
+    try:
+        hl.set_cuda_persistent_enabled(True)
+        assert hl.cuda_persistent_enabled()
+        hl.set_cuda_persistent_enabled(False)
+        assert not hl.cuda_persistent_enabled()
+    finally:
+        hl.set_cuda_persistent_enabled(before)
+
+
+def _run(args, **kw):
+    """Outputs and the gradients of every tensor argument for a fixed random loss."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in args]
+    outs = hl.lstm(*leaves[:6], weight_hr=leaves[6], **kw)
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in outs]
+    grads = torch.autograd.grad(outs, [t for t in leaves if t is not None], weights)
+    return list(outs) + list(grads)
+
+
+def _compare(ours, theirs, tol):
+    for a, b in zip(ours, theirs):
+        a, b = a.double().cpu(), b.double().cpu()
+        scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
+        assert (a - b).abs().max().item() <= tol * scale
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("shape", IN_SCOPE, ids=SCOPE_IDS)
+def test_float64_matches_reference(persistent, shape, reverse):
+    T, N, I, H = shape
+    args = make_args(T, N, I, H, 0, device="cuda", seed=5)
+    ours = _run(args, reverse=reverse)
+    cpu_args = [None if t is None else t.detach().cpu() for t in args]
+    leaves = [None if t is None else t.clone().requires_grad_() for t in cpu_args]
+    ref_outs = reference.lstm(*leaves[:6], reverse=reverse)
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in ref_outs]
+    ref = list(ref_outs) + list(torch.autograd.grad(
+        ref_outs, [t for t in leaves if t is not None], weights))
+    _compare(ours, ref, 1e-10)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2),
+                                       (torch.float16, 5e-3)], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("shape", IN_SCOPE[1:3], ids=SCOPE_IDS[1:3])
+def test_matches_the_generic_loop(shape, dtype, tol):
+    """Same dtype, same rounding points: only the order of the recurrent sums differs. TF32 off
+    so that the generic loop's cuBLAS GEMMs are IEEE float32 as well."""
+    T, N, I, H = shape
+    args = make_args(T, N, I, H, 0, dtype=dtype, device="cuda", seed=6)
+    before = (hl.cuda_persistent_enabled(), torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        hl.set_cuda_persistent_enabled(False)
+        generic = _run(args)
+        hl.set_cuda_persistent_enabled(True)
+        ours = _run(args)
+    finally:
+        hl.set_cuda_persistent_enabled(before[0])
+        torch.backends.cuda.matmul.allow_tf32 = before[1]
+    _compare(ours, generic, tol)
+
+
+@pytest.mark.cuda
+def test_gradcheck(persistent):
+    args = [t for t in make_args(4, 3, 5, 6, 0, device="cuda", seed=7) if t is not None]
+
+    def f(x, h0, c0, w_ih, w_hh, b):
+        return hl.lstm(x, h0, c0, w_ih, w_hh, b)
+
+    assert torch.autograd.gradcheck(f, args)
+
+
+@pytest.mark.cuda
+def test_deterministic(persistent):
+    args = make_args(20, 37, 5, 33, 0, dtype=torch.float32, device="cuda", seed=8)
+    first, second = _run(args), _run(args)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", ["projection", "packed", "too-large-H"])
+def test_out_of_scope_calls_take_the_generic_loop(persistent, case):
+    """With the switch on, calls outside the persistent loops' scope still give the reference's
+    numbers (they fall back to the generic loop)."""
+    T, N, I, H, P = (4, 5, 3, 6, 2) if case == "projection" else (4, 5, 3, 6, 0)
+    if case == "too-large-H":
+        H = 300  # W_hh of 1.4 MiB in float64: beyond any block's shared memory
+    args = make_args(T, N, I, H, P, device="cuda", seed=9)
+    kw = {}
+    if case == "packed":
+        kw["batch_sizes"] = packed_batch_sizes([4, 4, 3, 2, 1])
+    ours = _run(args, **kw)
+    cpu = [None if t is None else t.detach().cpu().requires_grad_() for t in args]
+    ref_outs = reference.lstm(*cpu[:6], weight_hr=cpu[6], **kw)
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in ref_outs]
+    ref = list(ref_outs) + list(torch.autograd.grad(
+        ref_outs, [t for t in cpu if t is not None], weights))
+    _compare(ours, ref, 1e-10)
