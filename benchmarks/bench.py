@@ -112,6 +112,12 @@ def parse_args(argv):
     p.add_argument("--sets", type=int, default=4, help="input sets rotated between calls")
     p.add_argument("--budget", type=float, help="seconds; points after this are skipped")
     p.add_argument("--out", type=Path, help="output folder (default benchmarks/out/DEV-PRESET)")
+    p.add_argument(
+        "--data-dir", type=Path,
+        help="folder of NGSIM car_data CSVs for the seed workload's inputs (default: "
+             "$HANDLSTM_TRAJ_DATA, else ../shared/data/trajectories/car_data; random inputs "
+             "when it does not exist)",
+    )
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -218,7 +224,8 @@ class Runner:
             return
 
         with tf32_mode(setting):
-            sets, source = make_input_sets(case, self.args.sets, self.device, setting.dtype)
+            sets, source = make_input_sets(case, self.args.sets, self.device, setting.dtype,
+                                           data_dir=self.args.data_dir)
             self.data_sources.add(source)
             base = impls.make_baseline_module(case, self.device, setting.dtype)
             built, failed = {}, {}
@@ -417,11 +424,21 @@ def main(argv=None):
     total = sum(len(modes) * len(runner.wanted(c)) for _, (_, c) in blocks)
     load_before = os.getloadavg()
     cpus = len(os.sched_getaffinity(0))
-    busy = device.type == "cpu" and load_before[0] > cpus - args.threads + 0.5
+    # Busy now? Other processes' share of the CPUs over one second (the load average lags by
+    # minutes and, on some virtual machines, never falls below 1 on an idle machine).
+    probe = env.CpuContention()
+    time.sleep(1.0)
+    others_now = probe.others()
+    busy = device.type == "cpu" and (
+        others_now > max(0.0, 1 - args.threads / cpus) + 0.1 if others_now is not None
+        else load_before[0] > cpus - args.threads + 0.5)
     if busy:
         print(
-            f"warning: load average {load_before[0]:.1f} on {cpus} CPUs with {args.threads} "
-            f"torch threads: other work competes for the cores"
+            f"warning: other processes are using "
+            + (f"{others_now:.0%} of the CPUs" if others_now is not None
+               else f"the CPUs (load average {load_before[0]:.1f})")
+            + f" with {args.threads} torch threads on {cpus} CPUs: other work competes for "
+            f"the cores"
             + (
                 ", and multithreaded timings can then be off by 10x or more. Wait for a quiet "
                 "machine or pass --threads 1."
@@ -481,8 +498,9 @@ def main(argv=None):
     notes = []
     # Other processes' share of the machine beyond the cores the torch threads left free (plus
     # a margin of 10% of the machine): past that, the torch threads had to wait for cores.
-    crowded = others is not None and others > max(0.0, 1 - args.threads / cpus) + 0.1
-    if device.type == "cpu" and (crowded if others is not None else busy):
+    crowded = device.type == "cpu" and (
+        others > max(0.0, 1 - args.threads / cpus) + 0.1 if others is not None else busy)
+    if crowded:
         notes.append(
             f"WARNING: the machine was busy (load average {load_before[0]:.2f} at the start; "
             f"{meta['other_cpu_use']}) with {args.threads} torch threads on {cpus} CPUs: "
@@ -509,8 +527,9 @@ def main(argv=None):
         notes.append(f"{skipped} points were skipped: the --budget of {args.budget}s ran out.")
 
     csv_path, md_path, png_path = out / "bench.csv", out / "bench.md", out / "bench.png"
+    caveat = "busy machine, not a verdict: rerun on a quiet one" if crowded else None
     report.write_csv(csv_path, meta, rows)
-    report.write_markdown(md_path, meta, rows, notes)
+    report.write_markdown(md_path, meta, rows, notes, caveat=caveat)
     wrote = [csv_path, md_path]
     if not args.no_plot:
         title = f"{meta['device_name']} | torch {meta['torch']} | {meta['date'][:10]}"
@@ -522,9 +541,14 @@ def main(argv=None):
     print(f"wrote {', '.join(str(p) for p in wrote)}")
     print(f"{meta['device_name']}; torch {meta['torch']}; threads {meta['threads']}; "
           f"load {meta['loadavg']}")
+    if crowded:
+        print(notes[0])
     print(report.text_table(rows))
+    seed_data = sorted({r.get("data", "?") for r in rows if r.get("group") == "seed"})
+    print("\nours/torch: time ratio, below 1 means ours is faster (speedup: its inverse)."
+          + (f" Seed workload inputs: {', '.join(seed_data)}." if seed_data else ""))
     print("\ntargets:")
-    print(report.targets_text(rows) or "  none for this device")
+    print(report.targets_text(rows, caveat=caveat) or "  none for this device")
     for note in notes:
         print(note)
     return 0

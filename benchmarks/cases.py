@@ -98,7 +98,7 @@ PRESETS = {
     ),
     "quick": Preset(
         "quick",
-        "the two target workloads plus one point of each sweep (about 1-2 min on 2 CPU cores)",
+        "the two target workloads plus one point of each sweep (about 1 min on 2 CPU cores)",
         cases=(SEED, FASTRNNS)
         + (Case("latency", T=100, N=1, I=256, H=256), Case("latency", T=100, N=32, I=256, H=256))
         + (stacked(64),),

@@ -4,6 +4,7 @@ elsewhere.
 Shape vocabulary: T time, N batch, I input, H hidden, D directions, L layers.
 """
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -66,17 +67,27 @@ def load_car_windows(folder, count, T, N, I):  # noqa: E741
     return [torch.from_numpy(np.ascontiguousarray(s)).float() for s in scaled]
 
 
-def make_input_sets(case, count, device, dtype, seed=0):
+def car_data_folder(data_dir=None):
+    """The folder of car_data CSVs: data_dir, else $HANDLSTM_TRAJ_DATA (the trajectory example's
+    setting), else the shared folder beside the repository."""
+    if data_dir is not None:
+        return Path(data_dir)
+    env = os.environ.get("HANDLSTM_TRAJ_DATA")
+    return Path(env) if env else CAR_DATA
+
+
+def make_input_sets(case, count, device, dtype, seed=0, data_dir=None):
     """`count` tuples (x, h0, c0, grad_output) for one case, on device in dtype.
 
     x (T, N, I) requires grad; h0, c0 (L*D, N, H); grad_output (T, N, D*H). Returns the sets
-    and a word naming where x came from ("car_data" or "random").
+    and a word naming where x came from ("car_data" or "random"). Real windows come from
+    car_data_folder(data_dir) when it exists.
     """
     gen = torch.Generator().manual_seed(seed)
     xs = None
     source = "random"
     if case.real_data:
-        xs = load_car_windows(CAR_DATA, count, case.T, case.N, case.I)
+        xs = load_car_windows(car_data_folder(data_dir), count, case.T, case.N, case.I)
         if xs is not None:
             source = "car_data"
     if xs is None:

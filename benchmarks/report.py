@@ -229,10 +229,13 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
-def targets_text(rows, markdown=False):
+def targets_text(rows, markdown=False, caveat=None):
+    """One line per target; with a caveat (a busy machine), each verdict carries it."""
     lines = []
     for text, speedup, need, verdict in targets(rows):
         got = f"{speedup:.2f}x" if speedup is not None else "-"
+        if caveat and speedup is not None:
+            verdict = f"{verdict} ({caveat})"
         lines.append(("- " if markdown else "  ") + f"{text}: {got} -> {verdict}")
     return "\n".join(lines)
 
@@ -268,7 +271,7 @@ def read_csv(path):
     return meta, list(csv.DictReader(lines))
 
 
-def write_markdown(path, meta, rows, notes=()):
+def write_markdown(path, meta, rows, notes=(), caveat=None):
     with open(path, "w") as f:
         f.write(f"# LSTM benchmark: {meta['device_name']}, {meta['date'][:10]}\n\n")
         for k, v in meta.items():
@@ -283,7 +286,7 @@ def write_markdown(path, meta, rows, notes=()):
         )
         f.write(markdown_table(rows))
         f.write("\n\n## Targets\n\n")
-        f.write(targets_text(rows, markdown=True) or "- none for this device")
+        f.write(targets_text(rows, markdown=True, caveat=caveat) or "- none for this device")
         f.write("\n")
         for note in notes:
             f.write(f"\n{note}\n")

@@ -15,8 +15,14 @@ import math
 import time
 from dataclasses import dataclass
 
+import logging
+
 import torch
-import torch.utils.benchmark as tbench
+
+# torch.utils.benchmark imports torch.utils.cpp_extension, which logs a CUDA_HOME guess on
+# machines without a CUDA runtime; it says nothing about the benchmark.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+import torch.utils.benchmark as tbench  # noqa: E402
 
 
 @dataclass

@@ -155,6 +155,26 @@ def test_ratios_and_targets():
     assert verdicts["CPU fastrnns default fwd+bwd, float32"] == (0.8, "MISSED")
 
 
+def test_targets_on_a_busy_machine_carry_the_caveat():
+    """A run whose timings the harness itself calls unreliable must not print a bare 'met'."""
+    rows = report.add_ratios([_row("torch", 4.0), _row("ours", 1.0)])
+    plain = report.targets_text(rows)
+    assert "met" in plain and "not a verdict" not in plain
+    busy = report.targets_text(rows, caveat="busy machine, not a verdict")
+    seed_line = next(line for line in busy.splitlines() if "seed" in line)
+    assert seed_line.endswith("met (busy machine, not a verdict)")
+
+
+def test_car_data_folder_precedence(monkeypatch, tmp_path):
+    """--data-dir, then $HANDLSTM_TRAJ_DATA (the trajectory example's setting), then the shared
+    folder beside the repository."""
+    monkeypatch.delenv("HANDLSTM_TRAJ_DATA", raising=False)
+    assert data.car_data_folder() == data.CAR_DATA
+    monkeypatch.setenv("HANDLSTM_TRAJ_DATA", str(tmp_path / "env"))
+    assert data.car_data_folder() == tmp_path / "env"
+    assert data.car_data_folder(tmp_path / "arg") == tmp_path / "arg"
+
+
 def test_relative_error_never_hides_nan():
     good = [torch.ones(3)]
     assert impls.relative_error([torch.ones(3)], good) == 0.0
