@@ -22,6 +22,13 @@
 #endif
 
 namespace handlstm {
+// Compiled inside an ISA unit of the CPU backend (cell_cpu_avx2.cpp, cell_cpu_avx512.cpp,
+// which define CPU_CAPABILITY), everything here lives in a namespace of that ISA: otherwise an
+// out-of-line copy built for AVX-512 (as a -O0 build emits) could be the one the linker hands
+// to the generic code, which runs on any CPU.
+#ifdef CPU_CAPABILITY
+inline namespace CPU_CAPABILITY {
+#endif
 
 // The two transcendental functions, chosen by type. The primary template serves float and
 // double on host and device (overloaded ::exp / ::tanh, never the float-only spellings); the
@@ -106,4 +113,7 @@ HANDLSTM_HOST_DEVICE const scalar_t* c_prev_row(const scalar_t* c_prev, const sc
   return row < n_prev ? c_prev + row * H : c0 + row * H;
 }
 
+#ifdef CPU_CAPABILITY
+}  // namespace CPU_CAPABILITY
+#endif
 }  // namespace handlstm

@@ -1,10 +1,13 @@
-// The device-neutral LSTM driver and the two pointwise hooks each backend supplies.
+// The device-neutral LSTM driver and the hooks each backend supplies.
 //
 // The op (`handlstm::lstm_forward` / `lstm_backward`, schemas in lstm_ops.cpp) is served by a
 // backend entry (`lstm_forward_cpu` / `lstm_forward_cuda`, ...) that puts a device guard in
-// place and calls the driver here with its own pointwise hooks. The driver owns validation,
-// allocation, the time loop and every GEMM (through ATen, so CPU BLAS or cuBLAS on the
-// caller's stream); a backend only implements one fused pointwise pass per step and direction.
+// place and calls the driver here with its CellKernels. The driver owns validation,
+// allocation, the order of the work and, by default, the time loop and every GEMM (through
+// ATen: CPU BLAS, or cuBLAS on the caller's stream). A backend must implement one fused
+// pointwise pass per step and direction; it may also take over the whole time loop and the
+// GEMMs (CellKernels' optional hooks), as the CPU does with its own kernels and CUDA with its
+// persistent loops.
 //
 // Shapes (vocabulary in gate_math.h): input (T, N, I), h0 (N, Hout), c0 (N, H),
 // weight_ih (4H, I), weight_hh (4H, Hout), bias (4H,), weight_hr (P, H),
@@ -97,8 +100,8 @@ struct CellKernels {
   // T*N rows behind the weight gradients. An undefined result leaves the product to ATen.
   at::Tensor (*at_b)(const at::Tensor& a, const at::Tensor& b) = nullptr;
   // Optional: c = a b (+ *bias on every row when bias is not null) for a (M, K) with unit
-  // column stride, b (K, Nc) and c (M, Nc) contiguous: the input projection and dx. Returning
-  // false, with c untouched, leaves the product to ATen.
+  // column stride, b (K, Nc) of any strides (W_ih^T for the input projection, W_ih for dx) and
+  // c (M, Nc) contiguous. Returning false, with c untouched, leaves the product to ATen.
   bool (*mm)(at::Tensor& c, const at::Tensor& a, const at::Tensor& b,
              const at::Tensor* bias) = nullptr;
 };

@@ -1,6 +1,6 @@
-// CPU backend: the fused pointwise hooks (cell_forward_cpu / cell_backward_cpu) and the
-// backend entries registered for the CPU dispatch key. GEMMs run in the shared driver through
-// ATen's BLAS.
+// CPU backend: the fused pointwise hooks (cell_forward_cpu / cell_backward_cpu), the CPU's own
+// time loops (row blocks on threads) and GEMM hooks (float32 on cpu/gemm_cpu.h's kernels,
+// else BLAS), and the backend entries registered for the CPU dispatch key.
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
@@ -186,8 +186,8 @@ PackedB pack_b(const at::Tensor& b) {
 
 // C (M x Nc, row stride ldc) = (accumulate ? C : 0) + A (M x K, row stride lda) B. Outside a
 // row block the work is split among the threads, one contiguous range each: of rows when
-// every thread gets two 8-row tiles at least, else of column panels; below ~64k
-// multiply-adds per thread a hand-off costs more than it saves. Inside a block (or with one
+// every thread gets two chunks of 8 rows at least, else of column panels. Below 128k
+// multiply-adds in all a thread hand-off costs more than it saves; inside a block (or with one
 // thread) it is one call.
 void run_packed(const PackedB& pb, int64_t M, const float* A, int64_t lda, float* C,
                 int64_t ldc, bool accumulate) {
@@ -387,8 +387,9 @@ bool forward_loop_cpu(const LoopArgs& a) { return run_blocks<true>(a); }
 bool backward_loop_cpu(const LoopArgs& a) { return run_blocks<false>(a); }
 
 // a^T b for float32 a (K, M), b (K, Nc) on an AVX2/AVX-512 CPU (cpu::gemm_at_b): rows of the
-// result split among the threads in whole 8-row tiles, each element one sum in k order, so
-// the weight gradients do not depend on the thread count. Undefined for everything else.
+// result split among the threads in chunks of 8, each element one sum in k order, so these
+// weight gradients do not depend on the thread count. Undefined for everything else (BLAS
+// then).
 at::Tensor at_b_cpu(const at::Tensor& a, const at::Tensor& b) {
   const Isa isa = active_isa().load(std::memory_order_relaxed);
   if (a.scalar_type() != at::kFloat || isa == Isa::kScalar || a.stride(1) != 1 ||

@@ -12,7 +12,8 @@
 //
 // Scope of this first version, checked by persistent_eligible(): no projection, no packed
 // batch (every row active at every step), and W_hh (G x H) plus the block's state fitting in
-// one block's shared memory (H <= 96 in float32, 128 in bfloat16/float16 on an H200). Other
+// one block's shared memory (computed per call; on an H200's 227 KiB per block, H up to about
+// 110 in float32 and 155 in bfloat16/float16 with 8 rows per block, more with fewer). Other
 // cases return false and take the generic loop. Weights spanning several blocks (a grid-wide
 // barrier per step, cooperative launch) are the next step and are not written yet.
 //

@@ -1,6 +1,7 @@
-// Device-neutral time loop of the fused LSTM: validation, allocation, every GEMM, and one call
-// of the backend's fused pointwise hook per step. See lstm.h for the contract and
-// docs/derivation.md for the math ("Note [Backward through time]" below summarises it).
+// Device-neutral driver of the fused LSTM: validation, allocation, the generic time loop (one
+// call of the backend's fused pointwise hook per step) and every GEMM, each of which a
+// backend's optional hooks may take over. See lstm.h for the contract and docs/derivation.md
+// for the math ("Note [Backward through time]" below summarises it).
 //
 // Indices: tensors are addressed through ATen views (64-bit sizes and strides); the pointwise
 // hooks use 64-bit offsets themselves, so no 32-bit limit applies anywhere in this op.

@@ -14,9 +14,11 @@ from conftest import make_args, packed_batch_sizes
 from handlstm_cuda import reference
 
 # In scope: no projection, every row active, W_hh fitting one block's shared memory. H = 1, 33
-# and 96 (the float32 limit on an H200), N off the rows-per-block tiles, T = 1.
-IN_SCOPE = [(1, 1, 1, 1), (62, 64, 12, 64), (5, 13, 7, 33), (3, 2, 4, 96), (4, 300, 3, 8)]
-SCOPE_IDS = ["T1-N1-H1", "seed", "N13-H33", "H96", "N300"]
+# and 96, T = 1, and N giving every rows-per-block variant on an H200's 132 multiprocessors
+# (R = 1 up to N = 132, 2 up to 264, 4 up to 528, else 8), with N off those tiles.
+IN_SCOPE = [(1, 1, 1, 1), (62, 64, 12, 64), (5, 13, 7, 33), (3, 2, 4, 96), (4, 201, 3, 8),
+            (4, 301, 3, 8), (3, 601, 2, 16)]
+SCOPE_IDS = ["T1-N1-H1", "seed", "N13-H33", "H96", "N201", "N301", "N601"]
 
 
 @pytest.fixture

@@ -23,9 +23,10 @@ struct GateMath<at::vec::Vectorized<double>> {
 //   exp(x) = 2^n e^r,  n = floor(x log2 e + 1/2),  r = x - n ln 2 (ln 2 split in two for
 //   exactness), e^r by a degree-6 polynomial on |r| <= ln(2)/2; about 1 ulp on the clamped
 //   range.
-// x is clamped to [-87.336, 88.8]: the bottom gives FLT_MIN (no denormal exponent arithmetic),
-// the top makes 2^n overflow to +inf exactly where it should for the sigmoid's 1 / (1 + e^-x)
-// to saturate to 0. NaN is restored after the clamp, which would otherwise drop it.
+// x is clamped to [-87.336, 88.8]: the bottom gives FLT_MIN (no denormal exponent arithmetic);
+// at the top 2^n overflows to +inf from x = 88.38 on, a little before e^x itself does
+// (88.72), so there the sigmoid's 1 / (1 + e^-x) gives exactly 0 instead of a value below
+// 3e-39. NaN is restored after the clamp, which would otherwise drop it.
 template <typename Ops>
 typename Ops::V cephes_exp(typename Ops::V x_in) {
   using V = typename Ops::V;

@@ -215,6 +215,12 @@ void gemm_at_b(int64_t m0, int64_t m1, int64_t Nc, int64_t K, const float* a, in
                const float* b, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   constexpr int64_t NR = 2 * Ops::L;
   constexpr int MR = row_tile<Ops, 2>();
+  if (K == 0 && !accumulate) {  // an empty sum: no pass below would write C
+    for (int64_t r = m0; r < m1; ++r) {
+      for (int64_t c = 0; c < Nc; ++c) C[r * ldc + c] = 0.0f;
+    }
+    return;
+  }
   int64_t kc = kAtBPassFloats / (Nc > 0 ? Nc : 1);
   kc = kc < 16 ? 16 : (kc > 1024 ? 1024 : kc);
   for (int64_t k0 = 0; k0 < K; k0 += kc) {
