@@ -39,7 +39,7 @@ def _run_cli(*args, timeout=240):
     )
 
 
-def _check_outputs(out, stdout, device, impl_names):
+def _check_outputs(out, stdout, device, impl_names, plot=True):
     assert "ours/torch" in stdout and "speedup" in stdout, stdout
     assert f"{device} float32" in stdout
     assert "targets:" in stdout
@@ -68,8 +68,9 @@ def _check_outputs(out, stdout, device, impl_names):
         else:
             assert float(r["err_vs_torch"]) < 1e-3, r
     assert (out / "bench.md").read_text().count("### ") >= 1
-    png = out / "bench.png"
-    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if plot:
+        png = out / "bench.png"
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_smoke_cli_cpu(tmp_path):
@@ -88,6 +89,24 @@ def test_smoke_cli_cpu(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     _check_outputs(tmp_path, result.stdout, "cpu", names)
+
+
+@pytest.mark.slow
+def test_quick_cli_cpu(tmp_path):
+    """--quick, the preset the README offers for a first look (about a minute on 2 cores): the
+    target workloads and one point of each sweep, every row timed with finite ratios, the CSV
+    header complete and both targets judged."""
+    names = ["ours", "torch", "reference"] if _ours() else ["torch", "reference"]
+    result = _run_cli(
+        "--quick", "--device", "cpu", "--no-progress", "--no-plot",
+        "--impls", ",".join(names), "--out", str(tmp_path), timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    _check_outputs(tmp_path, result.stdout, "cpu", names, plot=False)
+    _, rows = report.read_csv(tmp_path / "bench.csv")
+    assert {"seed", "fastrnns", "latency", "stacked"} <= {r["group"] for r in rows}
+    if "ours" in names:
+        assert "not measured" not in result.stdout.split("targets:")[1]
 
 
 @pytest.mark.cuda
