@@ -425,9 +425,9 @@ BackwardResult lstm_backward_impl(
   const auto dg2d = dgates.view({d.T * d.N, d.G});
   auto grad_input = none();
   if (mask[0]) {
-    grad_input = at::empty({d.T, d.N, d.I}, opts);
-    auto gi2d = grad_input.view({d.T * d.N, d.I});
-    if (!(kernels.mm && kernels.mm(gi2d, dg2d, w_ih, nullptr))) gi2d.copy_(mm_rowmajor(dg2d, w_ih));
+    auto gi2d = at::empty({d.T * d.N, d.I}, opts);
+    if (!(kernels.mm && kernels.mm(gi2d, dg2d, w_ih, nullptr))) gi2d = mm_rowmajor(dg2d, w_ih);
+    grad_input = gi2d.view({d.T, d.N, d.I});
   }
   auto grad_w_ih = none();
   if (mask[1]) {
