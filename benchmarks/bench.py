@@ -429,8 +429,13 @@ def main(argv=None):
     probe = env.CpuContention()
     time.sleep(1.0)
     others_now = probe.others()
+    # Other processes' share of the machine beyond the cores the torch threads left free (plus
+    # a margin of 10% of the machine): past that, the torch threads had to wait for cores.
+    def short_of_cores(others):
+        return others > max(0.0, 1 - args.threads / cpus) + 0.1
+
     busy = device.type == "cpu" and (
-        others_now > max(0.0, 1 - args.threads / cpus) + 0.1 if others_now is not None
+        short_of_cores(others_now) if others_now is not None
         else load_before[0] > cpus - args.threads + 0.5)
     if busy:
         print(
@@ -496,10 +501,7 @@ def main(argv=None):
     meta["wall_s"] = f"{time.perf_counter() - runner.start:.0f}"
 
     notes = []
-    # Other processes' share of the machine beyond the cores the torch threads left free (plus
-    # a margin of 10% of the machine): past that, the torch threads had to wait for cores.
-    crowded = device.type == "cpu" and (
-        others > max(0.0, 1 - args.threads / cpus) + 0.1 if others is not None else busy)
+    crowded = device.type == "cpu" and (short_of_cores(others) if others is not None else busy)
     if crowded:
         notes.append(
             f"WARNING: the machine was busy (load average {load_before[0]:.2f} at the start; "

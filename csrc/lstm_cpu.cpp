@@ -149,12 +149,31 @@ void gemm_rowmajor(bool trans_b, int64_t M, int64_t Nc, int64_t K, const T* A, i
 
 // ---- The packed float32 GEMMs (cpu/gemm_cpu.h) ----------------------------------------
 
+// The float32 GEMM kernels of one ISA unit and its vector lanes.
+struct GemmKernels {
+  int64_t lanes;
+  decltype(&cpu::gemm_packed_avx2) packed;
+  decltype(&cpu::gemm_at_b_avx2) at_b;
+};
+
+// Those of the active ISA, or null on a CPU without AVX2 (the callers then use BLAS).
+const GemmKernels* gemm_kernels() {
+  static constexpr GemmKernels avx512{cpu::kLanesAvx512, cpu::gemm_packed_avx512,
+                                      cpu::gemm_at_b_avx512};
+  static constexpr GemmKernels avx2{cpu::kLanesAvx2, cpu::gemm_packed_avx2, cpu::gemm_at_b_avx2};
+  switch (active_isa().load(std::memory_order_relaxed)) {
+    case Isa::kAvx512: return &avx512;
+    case Isa::kAvx2: return &avx2;
+    case Isa::kScalar: break;
+  }
+  return nullptr;
+}
+
 // A weight packed for the active ISA's kernel: B (K x Nc) in column panels.
 struct PackedB {
   at::Tensor panels;  // float32, cpu::packed_size(K, Nc, lanes) elements
   int64_t K = 0, Nc = 0, lanes = 0;
-  void (*kernel)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, int64_t,
-                 const float*, float*, int64_t, bool) = nullptr;
+  decltype(&cpu::gemm_packed_avx2) kernel = nullptr;
 };
 
 // Rows of A below which mm_cpu leaves a product to BLAS: a weight element costs about as much
@@ -167,12 +186,12 @@ constexpr int64_t kMinPackedRows = 256;
 // AVX2 (the callers then use BLAS).
 PackedB pack_b(const at::Tensor& b) {
   PackedB pb;
-  const Isa isa = active_isa().load(std::memory_order_relaxed);
-  if (isa == Isa::kScalar) return pb;
+  const GemmKernels* gk = gemm_kernels();
+  if (gk == nullptr) return pb;
   pb.K = b.size(0);
   pb.Nc = b.size(1);
-  pb.lanes = isa == Isa::kAvx512 ? cpu::kLanesAvx512 : cpu::kLanesAvx2;
-  pb.kernel = isa == Isa::kAvx512 ? cpu::gemm_packed_avx512 : cpu::gemm_packed_avx2;
+  pb.lanes = gk->lanes;
+  pb.kernel = gk->packed;
   pb.panels = at::empty({cpu::packed_size(pb.K, pb.Nc, pb.lanes)}, b.options());
   const float* src = b.const_data_ptr<float>();
   float* dst = pb.panels.mutable_data_ptr<float>();
@@ -391,9 +410,8 @@ bool backward_loop_cpu(const LoopArgs& a) { return run_blocks<false>(a); }
 // weight gradients do not depend on the thread count. Undefined for everything else (BLAS
 // then).
 at::Tensor at_b_cpu(const at::Tensor& a, const at::Tensor& b) {
-  const Isa isa = active_isa().load(std::memory_order_relaxed);
-  if (a.scalar_type() != at::kFloat || isa == Isa::kScalar || a.stride(1) != 1 ||
-      b.stride(1) != 1) {
+  const GemmKernels* gk = gemm_kernels();
+  if (a.scalar_type() != at::kFloat || gk == nullptr || a.stride(1) != 1 || b.stride(1) != 1) {
     return {};
   }
   const int64_t K = a.size(0), M = a.size(1), Nc = b.size(1);
@@ -403,7 +421,7 @@ at::Tensor at_b_cpu(const at::Tensor& a, const at::Tensor& b) {
   if (M * Nc > (int64_t{1} << 20)) return {};
   if (K == 0) return at::zeros({M, Nc}, a.options());
   auto out = at::empty({M, Nc}, a.options());
-  const auto kernel = isa == Isa::kAvx512 ? cpu::gemm_at_b_avx512 : cpu::gemm_at_b_avx2;
+  const auto kernel = gk->at_b;
   const float* ap = a.const_data_ptr<float>();
   const float* bp = b.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();

@@ -51,14 +51,17 @@ __device__ __forceinline__ acc_t stored(acc_t v) {
 }
 
 // Shared memory of one block: the weight (H x G for the forward, transposed so that the
-// threads of a warp read consecutive gate columns; G x H as stored for the backward), then
-// the block's state in acc_t.
+// threads of a warp read consecutive gate columns; G x H as stored for the backward), padded
+// to 16 bytes, then the block's state in acc_t.
+template <typename scalar_t>
+__host__ __device__ __forceinline__ int64_t weight_smem_bytes(int64_t H) {
+  return (4 * H * H * int64_t(sizeof(scalar_t)) + 15) / 16 * 16;
+}
+
 template <typename scalar_t>
 int64_t persistent_smem_bytes(int64_t H, int R) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t G = 4 * H;
-  const int64_t w = (G * H * int64_t(sizeof(scalar_t)) + 15) / 16 * 16;
-  return w + (2 * R * H + R * G) * int64_t(sizeof(acc_t));
+  return weight_smem_bytes<scalar_t>(H) + (2 * R * H + R * 4 * H) * int64_t(sizeof(acc_t));
 }
 
 // Forward: block b owns rows [b R, b R + R) of the batch.
@@ -75,7 +78,7 @@ __global__ void __launch_bounds__(kPersistentThreads)
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t G = 4 * H;
   scalar_t* wT = reinterpret_cast<scalar_t*>(smem);  // (H, G): wT[k G + g] = W_hh[g, k]
-  acc_t* h = reinterpret_cast<acc_t*>(smem + (G * H * int64_t(sizeof(scalar_t)) + 15) / 16 * 16);
+  acc_t* h = reinterpret_cast<acc_t*>(smem + weight_smem_bytes<scalar_t>(H));
   acc_t* c = h + R * H;    // (R, H)
   acc_t* pre = c + R * H;  // (R, G) pre-activations of the current step
   const int64_t row0 = int64_t(blockIdx.x) * R;
@@ -148,7 +151,7 @@ __global__ void __launch_bounds__(kPersistentThreads)
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t G = 4 * H;
   scalar_t* w = reinterpret_cast<scalar_t*>(smem);  // (G, H) as stored
-  acc_t* dh = reinterpret_cast<acc_t*>(smem + (G * H * int64_t(sizeof(scalar_t)) + 15) / 16 * 16);
+  acc_t* dh = reinterpret_cast<acc_t*>(smem + weight_smem_bytes<scalar_t>(H));
   acc_t* dc = dh + R * H;  // (R, H)
   acc_t* dg = dc + R * H;  // (R, G) pre-activation gradients of the current step
   const int64_t row0 = int64_t(blockIdx.x) * R;
@@ -233,35 +236,34 @@ bool persistent_eligible(const LoopArgs& a, int* R, int64_t* smem) {
   return *smem <= int64_t(prop->sharedMemPerBlockOptin);
 }
 
-template <typename Kernel>
-void allow_smem(Kernel kernel, int64_t smem) {
+// One launch of a persistent kernel: a block per R rows, `smem` bytes of dynamic shared memory
+// (above the 48 KiB default, so allowed explicitly), the caller's stream, a check after it.
+template <int R, typename Kernel, typename... Args>
+void launch_persistent(Kernel kernel, const LoopArgs& a, int64_t smem, Args... args) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)));
+  const auto grid = static_cast<unsigned int>((a.N + R - 1) / R);
+  kernel<<<grid, kPersistentThreads, smem, at::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, int R>
 void launch_persistent_forward(const LoopArgs& a, int64_t smem) {
-  const auto kernel = persistent_forward_kernel<scalar_t, R>;
-  allow_smem(kernel, smem);
-  const auto grid = static_cast<unsigned int>((a.N + R - 1) / R);
-  kernel<<<grid, kPersistentThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      a.gates.data_ptr<scalar_t>(), a.cells.data_ptr<scalar_t>(), a.output.data_ptr<scalar_t>(),
+  launch_persistent<R>(
+      persistent_forward_kernel<scalar_t, R>, a, smem, a.gates.data_ptr<scalar_t>(),
+      a.cells.data_ptr<scalar_t>(), a.output.data_ptr<scalar_t>(),
       a.h0.const_data_ptr<scalar_t>(), a.c0.const_data_ptr<scalar_t>(),
       a.w_hh.const_data_ptr<scalar_t>(), a.sch->T, a.N, a.H, a.sch->reverse);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, int R>
 void launch_persistent_backward(const LoopArgs& a, int64_t smem) {
-  const auto kernel = persistent_backward_kernel<scalar_t, R>;
-  allow_smem(kernel, smem);
-  const auto grid = static_cast<unsigned int>((a.N + R - 1) / R);
-  kernel<<<grid, kPersistentThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      a.gates.const_data_ptr<scalar_t>(), a.cells.const_data_ptr<scalar_t>(),
-      a.c0.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.grad_output),
-      a.dgates.data_ptr<scalar_t>(), a.dh.data_ptr<scalar_t>(), a.dc.data_ptr<scalar_t>(),
-      a.w_hh.const_data_ptr<scalar_t>(), a.sch->T, a.N, a.H, a.sch->reverse);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_persistent<R>(
+      persistent_backward_kernel<scalar_t, R>, a, smem, a.gates.const_data_ptr<scalar_t>(),
+      a.cells.const_data_ptr<scalar_t>(), a.c0.const_data_ptr<scalar_t>(),
+      ptr_or_null<scalar_t>(a.grad_output), a.dgates.data_ptr<scalar_t>(),
+      a.dh.data_ptr<scalar_t>(), a.dc.data_ptr<scalar_t>(), a.w_hh.const_data_ptr<scalar_t>(),
+      a.sch->T, a.N, a.H, a.sch->reverse);
 }
 
 template <bool kForward>
