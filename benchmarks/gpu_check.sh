@@ -5,20 +5,23 @@
 #
 # 1. build the extension in place for sm_90, and check it has sm_90 CUDA kernels
 # 2. the CUDA tests (pytest -m cuda)
-# 3. compute-sanitizer memcheck, then racecheck, on a small forward + backward
-# 4. the benchmark (default preset, all dtypes, both TF32 settings) in the time that is left
-# 5. the benchmark again with the persistent CUDA loops on (seed and latency, quick preset)
-# 6. a summary of the steps, and the ratio table printed last
+# 3. the persistent loops' sweep (benchmarks/persistent.py): cuDNN, our generic loop and our
+#    persistent loops side by side, the issue's targets first, with the cooperative design's
+#    barrier and matvec probes
+# 4. compute-sanitizer memcheck, then racecheck, on a small forward + backward (both persistent
+#    designs included)
+# 5. the benchmark (default preset, all dtypes, both TF32 settings) in the time that is left
+# 6. a summary of the steps, the persistent targets and the ratio table printed last
 #
-# Every step has a time cap and the whole run a deadline (GPU_CHECK_BUDGET seconds, default 450),
-# so it ends in under 8 minutes; a step that fails or times out is reported and the next one
+# Every step has a time cap and the whole run a deadline (GPU_CHECK_BUDGET seconds, default 480),
+# so it ends in about 8 minutes; a step that fails or times out is reported and the next one
 # still runs. If the build fails, the benchmark times the baselines alone.
 #
 # What lands in OUTDIR (eight files, so all of them come back from a lent machine):
 #   check.log  every step's command, output, exit status and duration (also nvidia-smi, versions)
 #   bench.txt  the benchmark's terminal output (the ratio table and the targets)
 #   bench.csv  bench.md  bench.png  the benchmark's results (see benchmarks/README.md)
-#   persistent/bench.txt  bench.csv  bench.md  the same with the persistent loops on
+#   persistent/sweep.txt  persistent.csv  persistent.md  the persistent loops' sweep
 #
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default
 # 16), GPU_CHECK_BUDGET, BENCH_ARGS (extra arguments for the benchmark, e.g. "--quick").
@@ -37,7 +40,7 @@ export PYTHONUNBUFFERED=1
 export HANDLSTM_CUDA_KERNELS=1
 LOG=$OUTDIR/check.log
 START=$(date +%s)
-DEADLINE=$((START + ${GPU_CHECK_BUDGET:-450}))
+DEADLINE=$((START + ${GPU_CHECK_BUDGET:-480}))
 SUMMARY=()
 : >"$LOG"
 
@@ -57,8 +60,9 @@ step() {
     fi
     echo "=== $name (cap ${t}s): $*" >>"$LOG"
     t0=$(date +%s)
-    # bash -c so that CMD may be one of the functions below (exported with export -f).
-    timeout -k 10 "$t" bash -c '"$@"' _ "$@" >>"$LOG" 2>&1
+    # bash -c so that CMD may be one of the functions below (exported with export -f);
+    # STEP_SECONDS tells it the time it has.
+    STEP_SECONDS=$t timeout -k 10 "$t" bash -c '"$@"' _ "$@" >>"$LOG" 2>&1
     rc=$?
     local verdict="ok"
     ((rc == 124 || rc == 137)) && verdict="TIMED OUT"
@@ -110,7 +114,7 @@ sanitize() {
 bench() {
     local impls=$1 t rc
     set -o pipefail
-    t=$(($(left) - 10))
+    t=$((STEP_SECONDS - 10))
     # --budget stops starting new points (the seed and fastrnns workloads of every dtype come
     # first); the margin covers the point in flight and writing the outputs.
     # shellcheck disable=SC2086
@@ -129,14 +133,13 @@ bench() {
     return "$rc"
 }
 
-# The persistent CUDA time loops (off by default, never run before this script): ours against
-# cuDNN on the seed and small-batch workloads, float32 (TF32 off) and bfloat16, in OUTDIR/persistent.
+# The persistent CUDA time loops (off by default, never run before this script) against cuDNN
+# and our generic loop, in OUTDIR/persistent; --budget stops starting new points.
 bench_persistent() {
+    set -o pipefail
     mkdir -p "$OUTDIR/persistent"
-    HANDLSTM_CUDA_PERSISTENT=1 "$PY" -m benchmarks.bench --device cuda --quick \
-        --groups seed,latency --dtypes float32,bfloat16 --tf32 off --impls ours,torch \
-        --budget $(($(left) - 20)) --no-progress --no-plot --out "$OUTDIR/persistent" \
-        | tee "$OUTDIR/persistent/bench.txt"
+    "$PY" -m benchmarks.persistent --budget $((STEP_SECONDS - 30)) --out "$OUTDIR/persistent" \
+        | tee "$OUTDIR/persistent/sweep.txt"
 }
 
 export PY OUTDIR DEADLINE
@@ -145,13 +148,12 @@ export -f left env_info built_for_sm90 run_tests sanitize bench bench_persistent
 step env 30 env_info
 if step build 240 "$PY" setup.py build_ext --inplace; then
     step kernels 30 built_for_sm90
-    step tests 90 run_tests
-    step memcheck 75 sanitize memcheck
-    step racecheck 75 sanitize racecheck
-    # The benchmark with whatever time is left (at most 220 s), then the persistent loops on
-    # the small-batch workloads where they are meant to win (at most 90 s).
-    step bench 220 bench ours,torch,reference
+    step tests 120 run_tests
     step persistent 90 bench_persistent
+    step memcheck 50 sanitize memcheck
+    step racecheck 50 sanitize racecheck
+    # The benchmark with whatever time is left (at most 220 s).
+    step bench 220 bench ours,torch,reference
 else
     echo "=== the build failed: timing the baselines only" >>"$LOG"
     step bench 300 bench torch,reference
@@ -162,7 +164,12 @@ fi
     echo "gpu_check: $(($(date +%s) - START))s in all; logs and results in $OUTDIR"
     printf '  %s\n' "${SUMMARY[@]}"
 } | tee -a "$LOG"
-# The ratio table last: the end of the output is what a lent machine's reply shows.
+# The persistent targets, then the ratio table last: the end of the output is what a lent
+# machine's reply shows.
+if [[ -s $OUTDIR/persistent/persistent.md ]]; then
+    echo
+    sed -n '/^## Targets/,$p' "$OUTDIR/persistent/persistent.md"
+fi
 if [[ -s $OUTDIR/bench.txt ]]; then
     echo
     cat "$OUTDIR/bench.txt"

@@ -4,8 +4,9 @@
         python3 -m benchmarks.sanitize_case
 
 Odd sizes (so no tile divides them evenly), then reverse=True and a ragged batch_sizes, then the
-persistent time loops (float32 and bfloat16), then the multi-layer bidirectional module. Without the caching allocator every tensor is
-its own allocation, so memcheck sees an access one past a tensor's end. Exits non-zero when the
+persistent time loops (single-block and cooperative designs, float32 and bfloat16), then the
+multi-layer bidirectional module. Without the caching allocator every tensor is its own
+allocation, so memcheck sees an access one past a tensor's end. Exits non-zero when the
 results disagree with the reference loop, so a run that computes garbage does not pass as clean.
 
 Shape vocabulary: T time, N batch, I input, H hidden.
@@ -41,6 +42,16 @@ def _case(hl, ref, device, T, N, I, H, dtype, reverse=False, batch_sizes=None): 
     return worst < (1e-4 if dtype == torch.float32 else 3e-2)
 
 
+def _expect_loop(hl, device, name):
+    """Whether the latest call's forward and backward both ran the `name` time loop (CUDA)."""
+    loops = getattr(hl._ext._C, "_cuda_last_loops", None)
+    if loops is None or device != "cuda":
+        return True
+    got = loops()
+    print(f"  time loops of that call: {got}")
+    return got == (name, name)
+
+
 def main(argv):
     import handlstm_cuda as hl
     from handlstm_cuda import reference as ref
@@ -65,6 +76,17 @@ def main(argv):
         print("persistent CUDA loops on:")
         ok &= _case(hl, ref, device, T=6, N=11, I=5, H=33, dtype=torch.float32)
         ok &= _case(hl, ref, device, T=3, N=9, I=4, H=16, dtype=torch.bfloat16, reverse=True)
+        ok &= _expect_loop(hl, device, "single-block")
+        # The cooperative design (W_hh split across blocks, a grid barrier per step): H = 300
+        # is beyond one block in float32; N = 11 spans two row tiles.
+        ok &= _case(hl, ref, device, T=4, N=11, I=5, H=300, dtype=torch.float32)
+        ok &= _expect_loop(hl, device, "cooperative")
+        if hasattr(hl._ext._C, "_set_cuda_persistent_cooperative_only"):
+            hl._ext._C._set_cuda_persistent_cooperative_only(True)
+            ok &= _case(hl, ref, device, T=3, N=5, I=4, H=37, dtype=torch.bfloat16,
+                        reverse=True)
+            ok &= _expect_loop(hl, device, "cooperative")
+            hl._ext._C._set_cuda_persistent_cooperative_only(False)
         hl.set_cuda_persistent_enabled(False)
     if hasattr(hl, "LSTM"):
         torch.manual_seed(0)

@@ -119,14 +119,31 @@ using GradMask = std::array<bool, 5>;
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                   at::Tensor, at::Tensor>;
 
-// The persistent CUDA time loops (lstm_cuda_persistent.cu; CUDA builds only): CellKernels
-// forward_loop / backward_loop hooks that return false when the flag is off or the arguments
-// are out of their scope. The flag is off by default, since these loops have not yet run on
-// a GPU; it lives in lstm_ops.cpp, so CPU-only builds keep the Python switch.
+// The persistent CUDA time loops (lstm_cuda_persistent.cu, lstm_cuda_cooperative.cu; CUDA
+// builds only): CellKernels forward_loop / backward_loop hooks that return false when the flag
+// is off or the arguments are out of their scope. The flag is off by default, since these
+// loops have not yet run on a GPU; cooperative_only (tests) makes them try the multi-block
+// cooperative design before the single-block one. Both flags live in lstm_ops.cpp, so
+// CPU-only builds keep the Python switches.
 bool cuda_persistent_enabled();
 void set_cuda_persistent_enabled(bool enabled);
+bool cuda_persistent_cooperative_only();
+void set_cuda_persistent_cooperative_only(bool only);
 bool persistent_forward_loop(const LoopArgs& a);
 bool persistent_backward_loop(const LoopArgs& a);
+
+// Which time loop the latest CUDA forward / backward of this process ran: the tests check that
+// a persistent design really served a call (a silent fallback would pass any numeric test), and
+// the benchmark reports it. Recorded by the hooks above, kept in lstm_ops.cpp.
+// Milliseconds of T steps of the cooperative forward's grid barrier and/or its on-chip matvec
+// alone, at the grid and shared memory that forward would use for (N, H, dtype); negative when
+// that grid cannot be co-resident. The benchmark records them beside the forward's own time.
+double cooperative_probe_ms(int64_t N, int64_t H, int64_t T, at::ScalarType dtype, bool barrier,
+                            bool matvec);
+
+enum class CudaLoop : int { kNone = 0, kGeneric, kSingleBlock, kCooperative };
+void record_cuda_loop(bool forward, CudaLoop loop);
+CudaLoop last_cuda_loop(bool forward);
 
 ForwardResult lstm_forward_impl(const at::Tensor& input, const at::Tensor& h0,
                                 const at::Tensor& c0, const at::Tensor& weight_ih,

@@ -2,7 +2,8 @@
 // recurrence, with the recurrent weight held in shared memory across steps.
 //
 // STATUS: compiled in CI, never run on a GPU. Off unless set_cuda_persistent_enabled(True)
-// (or HANDLSTM_CUDA_PERSISTENT=1 at import); benchmarks/gpu_check.sh runs its tests.
+// (or HANDLSTM_CUDA_PERSISTENT=1 at import); benchmarks/gpu_check.sh runs its tests. The hooks
+// at the bottom are the entry of both persistent designs: this one and the cooperative loops.
 //
 // Why: the generic CUDA loop (lstm_driver.cpp) launches one cuBLAS GEMM and one pointwise
 // kernel per step, a few microseconds of launch latency each, which dominates at small batch
@@ -10,12 +11,12 @@
 // the whole sequence (rows never interact in an LSTM), so the blocks never wait for each other:
 // no grid-wide synchronisation, only two __syncthreads() per step inside a block.
 //
-// Scope of this first version, checked by persistent_eligible(): no projection, no packed
-// batch (every row active at every step), and W_hh (G x H) plus the block's state fitting in
-// one block's shared memory (computed per call; on an H200's 227 KiB per block, H up to about
-// 110 in float32 and 155 in bfloat16/float16 with 8 rows per block, more with fewer). Other
-// cases return false and take the generic loop. Weights spanning several blocks (a grid-wide
-// barrier per step, cooperative launch) are the next step and are not written yet.
+// Scope, checked by persistent_eligible(): no projection, no packed batch (every row active at
+// every step), and W_hh (G x H) plus the block's state fitting in one block's shared memory
+// (computed per call; on an H200's 227 KiB per block, H up to about 110 in float32 and 155 in
+// bfloat16/float16 with 8 rows per block, more with fewer). Larger weights go to the
+// cooperative loops (lstm_cuda_cooperative.cu: W_hh split across blocks, a grid-wide barrier
+// per step); what neither serves takes the generic loop.
 //
 // Semantics match the generic loop element for element: the activated gates, c_t and h_t are
 // stored in the tensor dtype at every step and read back rounded, exactly as the generic loop
@@ -27,8 +28,6 @@
 // (N, H), w_hh (G, H), grad_output (T, N, H), dgates (T, N, G), dh and dc (N, H). All indices
 // are 64-bit; T is a loop inside the kernel, N / R the grid, so no launch dimension limits T
 // or T x N.
-#include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 
@@ -37,18 +36,13 @@
 #include <type_traits>
 
 #include "gate_math.h"
-#include "lstm.h"
+#include "lstm_cuda_persistent.cuh"
 
 namespace handlstm {
 namespace {
 
-constexpr int kPersistentThreads = 256;
-
-// The value a tensor of scalar_t would hold: what the generic loop reads back from memory.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t stored(acc_t v) {
-  return static_cast<acc_t>(static_cast<scalar_t>(v));
-}
+constexpr int kPersistentThreads = persistent::kThreads;
+using persistent::stored;
 
 // Shared memory of one block: the weight (H x G for the forward, transposed so that the
 // threads of a warp read consecutive gate columns; G x H as stored for the backward), padded
@@ -216,16 +210,13 @@ __global__ void __launch_bounds__(kPersistentThreads)
 int rows_per_block(int64_t N) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t want = (N + sms - 1) / sms;
-  return want <= 1 ? 1 : want <= 2 ? 2 : want <= 4 ? 4 : 8;
+  return persistent::rows_tile(want);
 }
 
-// Whether the persistent loop serves these arguments (see the scope at the top), and the
+// Whether the single-block loop serves these arguments (see the scope at the top), and the
 // rows per block and shared memory it would use.
 bool persistent_eligible(const LoopArgs& a, int* R, int64_t* smem) {
-  if (!cuda_persistent_enabled() || a.proj || a.N == 0 || a.sch->T == 0) return false;
-  for (const int64_t n : a.sch->active) {
-    if (n != a.N) return false;
-  }
+  if (!cuda_persistent_enabled() || !persistent::plain_shape(a)) return false;
   *R = rows_per_block(a.N);
   if ((a.N + *R - 1) / *R > int64_t(std::numeric_limits<int>::max())) return false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.gates.scalar_type(),
@@ -266,8 +257,9 @@ void launch_persistent_backward(const LoopArgs& a, int64_t smem) {
       a.sch->T, a.N, a.H, a.sch->reverse);
 }
 
+// The single-block loop if it serves the call (true when it ran).
 template <bool kForward>
-bool run_persistent(const LoopArgs& a) {
+bool run_single_block(const LoopArgs& a) {
   int R = 0;
   int64_t smem = 0;
   if (!persistent_eligible(a, &R, &smem)) return false;
@@ -289,6 +281,26 @@ bool run_persistent(const LoopArgs& a) {
     }
   });
   return true;
+}
+
+// The single-block loop where it serves the call, else the cooperative one (which may decline
+// too, leaving the call to the generic loop); with cooperative_only set, the cooperative loop
+// is tried first. Records which one ran.
+template <bool kForward>
+bool run_persistent(const LoopArgs& a) {
+  const auto cooperative = [&] {
+    return kForward ? cooperative_forward_loop(a) : cooperative_backward_loop(a);
+  };
+  CudaLoop ran = CudaLoop::kGeneric;
+  if (cuda_persistent_cooperative_only() && cooperative()) {
+    ran = CudaLoop::kCooperative;
+  } else if (run_single_block<kForward>(a)) {
+    ran = CudaLoop::kSingleBlock;
+  } else if (!cuda_persistent_cooperative_only() && cooperative()) {
+    ran = CudaLoop::kCooperative;
+  }
+  record_cuda_loop(kForward, ran);
+  return ran != CudaLoop::kGeneric;
 }
 
 }  // namespace

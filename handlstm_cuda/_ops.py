@@ -248,8 +248,9 @@ _cuda_kernels_enabled = os.environ.get("HANDLSTM_CUDA_KERNELS", "0") == "1"
 _warned_cuda_fallback = False
 
 
-# The persistent CUDA time loops (csrc/lstm_cuda_persistent.cu: one launch for all steps, the
-# recurrent weight in shared memory) have not run on a GPU either: off unless
+# The persistent CUDA time loops (csrc/lstm_cuda_persistent.cu, lstm_cuda_cooperative.cu: one
+# launch for all steps, the recurrent weight in shared memory of one block or split across
+# blocks) have not run on a GPU either: off unless
 # HANDLSTM_CUDA_PERSISTENT=1 (read at import) or set_cuda_persistent_enabled(True). They only
 # take effect where the fused CUDA kernels run at all (see above).
 if os.environ.get("HANDLSTM_CUDA_PERSISTENT", "0") == "1":
@@ -258,7 +259,8 @@ if os.environ.get("HANDLSTM_CUDA_PERSISTENT", "0") == "1":
 
 def cuda_persistent_enabled():
     """Whether CUDA calls in the persistent loops' scope (no projection, no packed batch, the
-    recurrent weight fitting in one block's shared memory) run them."""
+    recurrent weight fitting in one block's shared memory, or split across the GPU's
+    multiprocessors) run them."""
     return _ext._C.cuda_persistent_enabled()
 
 

@@ -1,8 +1,11 @@
-"""The persistent CUDA time loops (csrc/lstm_cuda_persistent.cu) against the generic CUDA loop
-and the float64 reference.
+"""The persistent CUDA time loops against the generic CUDA loop and the float64 reference: the
+single-block design (csrc/lstm_cuda_persistent.cu, W_hh whole in one block) and the cooperative
+one (csrc/lstm_cuda_cooperative.cu, W_hh split across blocks, a grid barrier per step).
 
 They are off by default (never run on a GPU before benchmarks/gpu_check.sh runs these tests);
-each test turns them on for itself. Without a GPU only the switch test runs.
+each test turns them on for itself, and checks which time loop really served its calls, since
+a silent fallback to the generic loop would pass every numeric check. Without a GPU only the
+switch tests run.
 Shape vocabulary: T time, N batch, I input, H hidden, G = 4H, P projection size.
 """
 
@@ -13,12 +16,16 @@ import handlstm_cuda as hl
 from conftest import make_args, packed_batch_sizes
 from handlstm_cuda import reference
 
-# In scope: no projection, every row active, W_hh fitting one block's shared memory. H = 1, 33
-# and 96, T = 1, and N giving every rows-per-block variant on an H200's 132 multiprocessors
-# (R = 1 up to N = 132, 2 up to 264, 4 up to 528, else 8), with N off those tiles.
+# In scope: no projection, every row active. H = 1, 33 and 96, T = 1, and N giving every
+# rows-per-block variant of the single-block design on an H200's 132 multiprocessors (R = 1 up
+# to N = 132, 2 up to 264, 4 up to 528, else 8), with N off those tiles. In float64 W_hh of
+# H = 96 (295 KB) is beyond one block, so that case runs the cooperative design.
 IN_SCOPE = [(1, 1, 1, 1), (62, 64, 12, 64), (5, 13, 7, 33), (3, 2, 4, 96), (4, 201, 3, 8),
             (4, 301, 3, 8), (3, 601, 2, 16)]
 SCOPE_IDS = ["T1-N1-H1", "seed", "N13-H33", "H96", "N201", "N301", "N601"]
+
+
+_C = hl._ext._C
 
 
 @pytest.fixture
@@ -27,6 +34,30 @@ def persistent():
     hl.set_cuda_persistent_enabled(True)
     yield
     hl.set_cuda_persistent_enabled(before)
+
+
+@pytest.fixture
+def cooperative(persistent):
+    """The cooperative design wherever it can run, even where one block would hold W_hh."""
+    before = _C._cuda_persistent_cooperative_only()
+    _C._set_cuda_persistent_cooperative_only(True)
+    yield
+    _C._set_cuda_persistent_cooperative_only(before)
+
+
+def _loops():
+    """(forward, backward) time loop of the latest CUDA call."""
+    return _C._cuda_last_loops()
+
+
+def test_cooperative_only_switch_is_off_by_default_and_toggles():
+    assert not _C._cuda_persistent_cooperative_only()
+    try:
+        _C._set_cuda_persistent_cooperative_only(True)
+        assert _C._cuda_persistent_cooperative_only()
+    finally:
+        _C._set_cuda_persistent_cooperative_only(False)
+    assert not _C._cuda_persistent_cooperative_only()
 
 
 def test_switch_is_off_by_default_and_toggles():
@@ -77,6 +108,110 @@ def test_float64_matches_reference(persistent, shape, reverse):
     ref = list(ref_outs) + list(torch.autograd.grad(
         ref_outs, [t for t in leaves if t is not None], weights))
     _compare(ours, ref, 1e-10)
+    expected = "cooperative" if H == 96 else "single-block"
+    assert _loops() == (expected, expected)
+
+
+def _reference_run(args, **kw):
+    """The float64 reference on the CPU: outputs and gradients as in _run."""
+    cpu = [None if t is None else t.detach().cpu().double().requires_grad_() for t in args]
+    ref_outs = reference.lstm(*cpu[:6], weight_hr=cpu[6], **kw)
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in ref_outs]
+    return list(ref_outs) + list(torch.autograd.grad(
+        ref_outs, [t for t in cpu if t is not None], weights))
+
+
+# The cooperative design at awkward sizes: H = 1 (one block), H = 33 and N = 13 (two row tiles,
+# the second ragged), H = 100, and H = 256 with N = 8 (two units per block on 132
+# multiprocessors, so the last block's units and partial sums are ragged too).
+COOP_SHAPES = [(1, 1, 1, 1), (5, 13, 7, 33), (3, 2, 4, 100), (4, 8, 5, 256)]
+COOP_IDS = ["T1-N1-H1", "N13-H33", "H100", "N8-H256"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("shape", COOP_SHAPES, ids=COOP_IDS)
+def test_cooperative_float64_matches_reference(cooperative, shape, reverse):
+    T, N, I, H = shape
+    args = make_args(T, N, I, H, 0, device="cuda", seed=15)
+    ours = _run(args, reverse=reverse)
+    assert _loops() == ("cooperative", "cooperative")
+    _compare(ours, _reference_run(args, reverse=reverse), 1e-10)
+
+
+# The targets of the cooperative design (N <= 8, H = 256 / 512, long T) and H = 1000, beyond
+# one block in every dtype.
+COOP_WIDE = [(40, 8, 16, 256), (12, 3, 8, 512), (3, 2, 5, 1000)]
+COOP_WIDE_IDS = ["N8-H256", "N3-H512", "H1000"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2),
+                                       (torch.float16, 5e-3)], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("shape", COOP_WIDE, ids=COOP_WIDE_IDS)
+def test_cooperative_matches_the_generic_loop(shape, dtype, tol):
+    """As test_matches_the_generic_loop, for the cooperative design; float32 also against the
+    float64 reference, within float32's own error at these sizes."""
+    T, N, I, H = shape
+    args = make_args(T, N, I, H, 0, dtype=dtype, device="cuda", seed=16, scale=0.2)
+    before = (hl.cuda_persistent_enabled(), torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        hl.set_cuda_persistent_enabled(False)
+        generic = _run(args)
+        assert _loops() == ("generic", "generic")
+        hl.set_cuda_persistent_enabled(True)
+        ours = _run(args)
+        assert _loops() == ("cooperative", "cooperative")
+    finally:
+        hl.set_cuda_persistent_enabled(before[0])
+        torch.backends.cuda.matmul.allow_tf32 = before[1]
+    _compare(ours, generic, tol)
+    if dtype == torch.float32:
+        _compare(ours, _reference_run(args), 1e-4)
+
+
+@pytest.mark.cuda
+def test_cooperative_gradcheck(cooperative):
+    args = [t for t in make_args(4, 3, 5, 7, 0, device="cuda", seed=17) if t is not None]
+
+    def f(x, h0, c0, w_ih, w_hh, b):
+        return hl.lstm(x, h0, c0, w_ih, w_hh, b)
+
+    assert torch.autograd.gradcheck(f, args)
+    assert _loops() == ("cooperative", "cooperative")
+
+
+@pytest.mark.cuda
+def test_cooperative_deterministic(persistent):
+    """Bitwise equal on a rerun: partial sums are added in block order, no atomics."""
+    args = make_args(20, 5, 6, 300, 0, dtype=torch.float32, device="cuda", seed=18)
+    first = _run(args)
+    assert _loops() == ("cooperative", "cooperative")
+    second = _run(args)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("H,expected", [(32, "single-block"), (128, "cooperative")])
+def test_long_sequence_matches_the_generic_loop(H, expected):
+    """T = 65,536 steps in one launch per direction (T is a loop inside the kernels)."""
+    T, N, I = 65_536, 2, 4
+    args = make_args(T, N, I, H, 0, dtype=torch.float32, device="cuda", seed=19, scale=0.2)
+    before = (hl.cuda_persistent_enabled(), torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        hl.set_cuda_persistent_enabled(False)
+        generic = _run(args)
+        hl.set_cuda_persistent_enabled(True)
+        ours = _run(args)
+        assert _loops() == (expected, expected)
+    finally:
+        hl.set_cuda_persistent_enabled(before[0])
+        torch.backends.cuda.matmul.allow_tf32 = before[1]
+    _compare(ours, generic, 1e-4)
 
 
 @pytest.mark.cuda
@@ -95,6 +230,7 @@ def test_matches_the_generic_loop(shape, dtype, tol):
         generic = _run(args)
         hl.set_cuda_persistent_enabled(True)
         ours = _run(args)
+        assert _loops() == ("single-block", "single-block")
     finally:
         hl.set_cuda_persistent_enabled(before[0])
         torch.backends.cuda.matmul.allow_tf32 = before[1]
@@ -109,6 +245,7 @@ def test_gradcheck(persistent):
         return hl.lstm(x, h0, c0, w_ih, w_hh, b)
 
     assert torch.autograd.gradcheck(f, args)
+    assert _loops() == ("single-block", "single-block")
 
 
 @pytest.mark.cuda
@@ -122,20 +259,17 @@ def test_deterministic(persistent):
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", ["projection", "packed", "too-large-H"])
 def test_out_of_scope_calls_take_the_generic_loop(persistent, case):
-    """With the switch on, calls outside the persistent loops' scope still give the reference's
-    numbers (they fall back to the generic loop)."""
+    """With the switch on, calls outside both persistent designs' scope still give the
+    reference's numbers: they fall back to the generic loop."""
     T, N, I, H, P = (4, 5, 3, 6, 2) if case == "projection" else (4, 5, 3, 6, 0)
     if case == "too-large-H":
-        H = 300  # W_hh of 1.4 MiB in float64: beyond any block's shared memory
+        # float64 W_hh of 72 MB: beyond one block, and so are the cooperative design's 4U = 48
+        # gate rows per block (576 KB) on 132 multiprocessors.
+        H = 1500
     args = make_args(T, N, I, H, P, device="cuda", seed=9)
     kw = {}
     if case == "packed":
         kw["batch_sizes"] = packed_batch_sizes([4, 4, 3, 2, 1])
     ours = _run(args, **kw)
-    cpu = [None if t is None else t.detach().cpu().requires_grad_() for t in args]
-    ref_outs = reference.lstm(*cpu[:6], weight_hr=cpu[6], **kw)
-    g = torch.Generator().manual_seed(3)
-    weights = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in ref_outs]
-    ref = list(ref_outs) + list(torch.autograd.grad(
-        ref_outs, [t for t in cpu if t is not None], weights))
-    _compare(ours, ref, 1e-10)
+    assert _loops() == ("generic", "generic")
+    _compare(ours, _reference_run(args, **kw), 1e-10)

@@ -1,0 +1,47 @@
+// What the two persistent CUDA designs share: the single-block loops
+// (lstm_cuda_persistent.cu, W_hh whole in one block) and the cooperative loops
+// (lstm_cuda_cooperative.cu, W_hh split across blocks with a grid-wide barrier per step).
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+
+#include <cstdint>
+
+#include "lstm.h"
+
+namespace handlstm {
+namespace persistent {
+
+constexpr int kThreads = 256;
+
+// The value a tensor of scalar_t would hold: what the generic loop reads back from memory.
+// Both designs round the gates, c_t, h_t and dh to the tensor dtype at every step, so that they
+// follow the generic loop's rounding points element for element.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t stored(acc_t v) {
+  return static_cast<acc_t>(static_cast<scalar_t>(v));
+}
+
+// Whether the arguments are of the shape both designs serve: no projection, no packed batch
+// (every row active at every step), something to do.
+inline bool plain_shape(const LoopArgs& a) {
+  if (a.proj || a.N == 0 || a.sch->T == 0) return false;
+  for (const int64_t n : a.sch->active) {
+    if (n != a.N) return false;
+  }
+  return true;
+}
+
+// Batch rows held in a thread's accumulators: the next power of two of N, at most 8.
+inline int rows_tile(int64_t N) { return N <= 1 ? 1 : N <= 2 ? 2 : N <= 4 ? 4 : 8; }
+
+}  // namespace persistent
+
+// The cooperative loops (lstm_cuda_cooperative.cu): false when out of their scope or when the
+// GPU cannot hold all their blocks at once. The single-block loops call them when W_hh does not
+// fit one block, and first whenever cuda_persistent_cooperative_only() is set (tests).
+bool cooperative_forward_loop(const LoopArgs& a);
+bool cooperative_backward_loop(const LoopArgs& a);
+
+}  // namespace handlstm
