@@ -86,30 +86,30 @@ def _run(args, **kw):
     return list(outs) + list(grads)
 
 
+def _generic_then_persistent(args, expected):
+    """(generic loop's results, persistent loops' results) for the same arguments, TF32 off so
+    that the generic loop's cuBLAS GEMMs are IEEE float32 too; checks that each call ran the
+    loop it was meant to (`expected` for the persistent one)."""
+    before = (hl.cuda_persistent_enabled(), torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        hl.set_cuda_persistent_enabled(False)
+        generic = _run(args)
+        assert _loops() == ("generic", "generic")
+        hl.set_cuda_persistent_enabled(True)
+        ours = _run(args)
+        assert _loops() == (expected, expected)
+    finally:
+        hl.set_cuda_persistent_enabled(before[0])
+        torch.backends.cuda.matmul.allow_tf32 = before[1]
+    return generic, ours
+
+
 def _compare(ours, theirs, tol):
     for a, b in zip(ours, theirs):
         a, b = a.double().cpu(), b.double().cpu()
         scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
         assert (a - b).abs().max().item() <= tol * scale
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("shape", IN_SCOPE, ids=SCOPE_IDS)
-def test_float64_matches_reference(persistent, shape, reverse):
-    T, N, I, H = shape
-    args = make_args(T, N, I, H, 0, device="cuda", seed=5)
-    ours = _run(args, reverse=reverse)
-    cpu_args = [None if t is None else t.detach().cpu() for t in args]
-    leaves = [None if t is None else t.clone().requires_grad_() for t in cpu_args]
-    ref_outs = reference.lstm(*leaves[:6], reverse=reverse)
-    g = torch.Generator().manual_seed(3)
-    weights = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in ref_outs]
-    ref = list(ref_outs) + list(torch.autograd.grad(
-        ref_outs, [t for t in leaves if t is not None], weights))
-    _compare(ours, ref, 1e-10)
-    expected = "cooperative" if H == 96 else "single-block"
-    assert _loops() == (expected, expected)
 
 
 def _reference_run(args, **kw):
@@ -122,11 +122,23 @@ def _reference_run(args, **kw):
         ref_outs, [t for t in cpu if t is not None], weights))
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("shape", IN_SCOPE, ids=SCOPE_IDS)
+def test_float64_matches_reference(persistent, shape, reverse):
+    T, N, I, H = shape
+    args = make_args(T, N, I, H, 0, device="cuda", seed=5)
+    ours = _run(args, reverse=reverse)
+    _compare(ours, _reference_run(args, reverse=reverse), 1e-10)
+    expected = "cooperative" if H == 96 else "single-block"
+    assert _loops() == (expected, expected)
+
+
 # The cooperative design at awkward sizes: H = 1 (one block), H = 33 and N = 13 (two row tiles,
-# the second ragged), H = 100, and H = 256 with N = 8 (two units per block on 132
-# multiprocessors, so the last block's units and partial sums are ragged too).
-COOP_SHAPES = [(1, 1, 1, 1), (5, 13, 7, 33), (3, 2, 4, 100), (4, 8, 5, 256)]
-COOP_IDS = ["T1-N1-H1", "N13-H33", "H100", "N8-H256"]
+# the second ragged), H = 100, and H = 263 with N = 8 (two units per block on an H200's 132
+# multiprocessors, one in the last block: its gate rows and partial sums are ragged).
+COOP_SHAPES = [(1, 1, 1, 1), (5, 13, 7, 33), (3, 2, 4, 100), (4, 8, 5, 263)]
+COOP_IDS = ["T1-N1-H1", "N13-H33", "H100", "N8-H263"]
 
 
 @pytest.mark.cuda
@@ -155,43 +167,10 @@ def test_cooperative_matches_the_generic_loop(shape, dtype, tol):
     float64 reference, within float32's own error at these sizes."""
     T, N, I, H = shape
     args = make_args(T, N, I, H, 0, dtype=dtype, device="cuda", seed=16, scale=0.2)
-    before = (hl.cuda_persistent_enabled(), torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        hl.set_cuda_persistent_enabled(False)
-        generic = _run(args)
-        assert _loops() == ("generic", "generic")
-        hl.set_cuda_persistent_enabled(True)
-        ours = _run(args)
-        assert _loops() == ("cooperative", "cooperative")
-    finally:
-        hl.set_cuda_persistent_enabled(before[0])
-        torch.backends.cuda.matmul.allow_tf32 = before[1]
+    generic, ours = _generic_then_persistent(args, "cooperative")
     _compare(ours, generic, tol)
     if dtype == torch.float32:
         _compare(ours, _reference_run(args), 1e-4)
-
-
-@pytest.mark.cuda
-def test_cooperative_gradcheck(cooperative):
-    args = [t for t in make_args(4, 3, 5, 7, 0, device="cuda", seed=17) if t is not None]
-
-    def f(x, h0, c0, w_ih, w_hh, b):
-        return hl.lstm(x, h0, c0, w_ih, w_hh, b)
-
-    assert torch.autograd.gradcheck(f, args)
-    assert _loops() == ("cooperative", "cooperative")
-
-
-@pytest.mark.cuda
-def test_cooperative_deterministic(persistent):
-    """Bitwise equal on a rerun: partial sums are added in block order, no atomics."""
-    args = make_args(20, 5, 6, 300, 0, dtype=torch.float32, device="cuda", seed=18)
-    first = _run(args)
-    assert _loops() == ("cooperative", "cooperative")
-    second = _run(args)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
 
 
 @pytest.mark.cuda
@@ -200,17 +179,7 @@ def test_long_sequence_matches_the_generic_loop(H, expected):
     """T = 65,536 steps in one launch per direction (T is a loop inside the kernels)."""
     T, N, I = 65_536, 2, 4
     args = make_args(T, N, I, H, 0, dtype=torch.float32, device="cuda", seed=19, scale=0.2)
-    before = (hl.cuda_persistent_enabled(), torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        hl.set_cuda_persistent_enabled(False)
-        generic = _run(args)
-        hl.set_cuda_persistent_enabled(True)
-        ours = _run(args)
-        assert _loops() == (expected, expected)
-    finally:
-        hl.set_cuda_persistent_enabled(before[0])
-        torch.backends.cuda.matmul.allow_tf32 = before[1]
+    generic, ours = _generic_then_persistent(args, expected)
     _compare(ours, generic, 1e-4)
 
 
@@ -223,35 +192,39 @@ def test_matches_the_generic_loop(shape, dtype, tol):
     so that the generic loop's cuBLAS GEMMs are IEEE float32 as well."""
     T, N, I, H = shape
     args = make_args(T, N, I, H, 0, dtype=dtype, device="cuda", seed=6)
-    before = (hl.cuda_persistent_enabled(), torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        hl.set_cuda_persistent_enabled(False)
-        generic = _run(args)
-        hl.set_cuda_persistent_enabled(True)
-        ours = _run(args)
-        assert _loops() == ("single-block", "single-block")
-    finally:
-        hl.set_cuda_persistent_enabled(before[0])
-        torch.backends.cuda.matmul.allow_tf32 = before[1]
+    generic, ours = _generic_then_persistent(args, "single-block")
     _compare(ours, generic, tol)
 
 
+@pytest.fixture(params=["single-block", "cooperative"])
+def design(request, persistent):
+    """Each persistent design in turn: the cooperative one forced even where one block would
+    hold W_hh (it spans H blocks of one unit each at these sizes)."""
+    before = _C._cuda_persistent_cooperative_only()
+    _C._set_cuda_persistent_cooperative_only(request.param == "cooperative")
+    yield request.param
+    _C._set_cuda_persistent_cooperative_only(before)
+
+
 @pytest.mark.cuda
-def test_gradcheck(persistent):
+def test_gradcheck(design):
     args = [t for t in make_args(4, 3, 5, 6, 0, device="cuda", seed=7) if t is not None]
 
     def f(x, h0, c0, w_ih, w_hh, b):
         return hl.lstm(x, h0, c0, w_ih, w_hh, b)
 
     assert torch.autograd.gradcheck(f, args)
-    assert _loops() == ("single-block", "single-block")
+    assert _loops() == (design, design)
 
 
 @pytest.mark.cuda
-def test_deterministic(persistent):
+def test_deterministic(design):
+    """Bitwise equal on a rerun: every sum runs in a fixed order (the cooperative partial sums
+    in block order), no atomics."""
     args = make_args(20, 37, 5, 33, 0, dtype=torch.float32, device="cuda", seed=8)
-    first, second = _run(args), _run(args)
+    first = _run(args)
+    assert _loops() == (design, design)
+    second = _run(args)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -273,3 +246,39 @@ def test_out_of_scope_calls_take_the_generic_loop(persistent, case):
     ours = _run(args, **kw)
     assert _loops() == ("generic", "generic")
     _compare(ours, _reference_run(args, **kw), 1e-10)
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.parametrize("N,H,expected", [(2 ** 19, 1024, "generic"), (2 ** 25, 16, "single-block")],
+                         ids=["generic", "single-block"])
+def test_indices_beyond_2_31_elements(N, H, expected):
+    """gates (T, N, 4H) of 2^32 elements (8 GB in bfloat16): a 32-bit index anywhere would wrap
+    and garble the last rows. Rows of an LSTM are independent, so the first and last rows of the
+    big call must equal the float64 reference run on those rows alone."""
+    T, I = 2, 1
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(20)
+
+    def r(*shape, scale=0.5):
+        return (torch.randn(*shape, device=dev, generator=g) * scale).to(torch.bfloat16)
+
+    x, h0, c0 = r(T, N, I), r(N, H), r(N, H)
+    w_ih, w_hh, b = r(4 * H, I), r(4 * H, H, scale=0.1), r(4 * H)
+    grad_out = r(T, N, H)
+    leaves = [t.requires_grad_() for t in (x, h0, c0)]
+    before = hl.cuda_persistent_enabled()
+    try:
+        hl.set_cuda_persistent_enabled(expected != "generic")
+        out, h_n, c_n = hl.lstm(*leaves, w_ih, w_hh, b)
+        dx, dh0, dc0 = torch.autograd.grad(out, leaves, grad_out)
+        assert _loops() == (expected, expected)
+    finally:
+        hl.set_cuda_persistent_enabled(before)
+    rows = torch.tensor([0, 1, N - 2, N - 1], device=dev)
+    sub = [t.detach()[:, rows] if t.dim() == 3 else t.detach()[rows] for t in (x, h0, c0)]
+    sub = [t.double().requires_grad_() for t in sub]
+    ref = reference.lstm(*sub, w_ih.double(), w_hh.double(), b.double())
+    ref_grads = torch.autograd.grad(ref[0], sub, grad_out[:, rows].double())
+    ours = [out[:, rows], h_n[rows], c_n[rows], dx[:, rows], dh0[rows], dc0[rows]]
+    _compare(ours, list(ref) + list(ref_grads), 3e-2)
