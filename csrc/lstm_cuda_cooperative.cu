@@ -21,7 +21,8 @@
 //   backward  every block runs the pointwise backward for its units, then multiplies its
 //             4U x N gate gradients by its 4U rows of W_hh: a partial dh_{t-1} (N x H) from its
 //             gate rows, written to a scratch slice of its own; grid barrier; each block sums
-//             the partials of its own units over all blocks in block order.
+//             the partials of its own units over all blocks in a fixed order (strided groups
+//             of blocks, then the groups in order).
 // The scratch is double-buffered by step parity: a block can be one step ahead of another
 // (between two barriers) but never two.
 //
@@ -32,7 +33,7 @@
 //
 // Semantics as the single-block loops: the activated gates, c_t, h_t and dh are rounded to the
 // tensor dtype at every step, as the generic loop stores them; sums run in float (double for
-// double) in a fixed order (warp shuffles, block-ordered partials), so results are
+// double) in a fixed order (warp shuffles, partials gathered in a fixed order), so results are
 // deterministic. No float atomics. Indices are 64-bit and T is a loop inside the kernel.
 //
 // Shapes (vocabulary in gate_math.h): gates (T, N, G), cells and output (T, N, H), h0 and c0
@@ -43,6 +44,7 @@
 #include <c10/cuda/CUDAFunctions.h>
 #include <cooperative_groups.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "gate_math.h"
@@ -53,6 +55,8 @@ namespace {
 
 namespace cg = cooperative_groups;
 using persistent::kThreads;
+using persistent::load_gates;
+using persistent::store_gates;
 using persistent::stored;
 constexpr int kWarps = kThreads / 32;
 
@@ -206,11 +210,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       acc_t cv, mv;
       const Gates<acc_t> a =
           cell_forward<acc_t>(p[u], p[U + u], p[2 * U + u], p[3 * U + u], c[n * U + u], &cv, &mv);
-      scalar_t* gr = gates + (t * N + n) * G;
-      gr[j] = static_cast<scalar_t>(a.i);
-      gr[H + j] = static_cast<scalar_t>(a.f);
-      gr[2 * H + j] = static_cast<scalar_t>(a.g);
-      gr[3 * H + j] = static_cast<scalar_t>(a.o);
+      store_gates<scalar_t>(gates + (t * N + n) * G, H, j, a);
       const int64_t at = (t * N + n) * H + j;
       cells[at] = static_cast<scalar_t>(cv);
       output[at] = static_cast<scalar_t>(mv);
@@ -292,9 +292,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The fused pointwise backward for the block's units (see Note [Backward through time]).
     for (int64_t e = threadIdx.x; e < N * units; e += kThreads) {
       const int64_t n = e / units, u = e - n * units, j = j0 + u;
-      const scalar_t* gr = gates + (t * N + n) * G;
-      const Gates<acc_t> a{acc_t(gr[j]), acc_t(gr[H + j]), acc_t(gr[2 * H + j]),
-                           acc_t(gr[3 * H + j])};
+      const Gates<acc_t> a = load_gates<acc_t>(gates + (t * N + n) * G, H, j);
       const int64_t at = (t * N + n) * H + j;
       const acc_t c_prev = t_prev >= 0 ? acc_t(cells[(t_prev * N + n) * H + j])
                                        : acc_t(c0[n * H + j]);
@@ -303,16 +301,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       acc_t dcp;
       const Gates<acc_t> d = cell_backward<acc_t>(a, acc_t(cells[at]), c_prev, dm, dc[n * U + u],
                                                   &dcp);
-      scalar_t* dgr = dgates + (t * N + n) * G;
-      dgr[j] = static_cast<scalar_t>(d.i);
-      dgr[H + j] = static_cast<scalar_t>(d.f);
-      dgr[2 * H + j] = static_cast<scalar_t>(d.g);
-      dgr[3 * H + j] = static_cast<scalar_t>(d.o);
-      acc_t* dpr = dp + n * 4 * U;
-      dpr[u] = stored<scalar_t>(d.i);
-      dpr[U + u] = stored<scalar_t>(d.f);
-      dpr[2 * U + u] = stored<scalar_t>(d.g);
-      dpr[3 * U + u] = stored<scalar_t>(d.o);
+      store_gates<scalar_t>(dgates + (t * N + n) * G, H, j, d);
+      store_gates<scalar_t>(dp + n * 4 * U, U, u, d);
       dc[n * U + u] = stored<scalar_t>(dcp);
     }
     __syncthreads();
@@ -424,8 +414,13 @@ template <typename scalar_t, int R>
 bool run_backward(const LoopArgs& a, int64_t U, int64_t blocks) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t smem = smem_layout<scalar_t, false>(a.N, a.H, U, R).total;
+  // The backward's own shared memory grows slowly with N, but its scratch (2 x blocks x N x H)
+  // and the partials each step moves through L2 grow fast: it serves only what the forward
+  // of the same sizes serves (whose h tile of N x H caps N: about 90 at H = 512 in float32),
+  // so both directions take the same loop and the scratch stays within tens of MB.
+  const int64_t fwd_smem = smem_layout<scalar_t, true>(a.N, a.H, U, R).total;
   const auto* prop = at::cuda::getCurrentDeviceProperties();
-  if (smem > int64_t(prop->sharedMemPerBlockOptin)) return false;  // before allocating scratch
+  if (std::max(smem, fwd_smem) > int64_t(prop->sharedMemPerBlockOptin)) return false;
   at::Tensor scratch = at::empty({2 * blocks * a.N * a.H},
                                  a.gates.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   const scalar_t* gates = a.gates.const_data_ptr<scalar_t>();
@@ -469,6 +464,16 @@ bool run_cooperative(const LoopArgs& a) {
   return ran;
 }
 
+// A CUDA event with timing, destroyed on every way out (c10's CUDAEvent header draws GCC 12
+// warnings in this unit's host pass).
+struct TimingEvent {
+  cudaEvent_t event{};
+  TimingEvent() { C10_CUDA_CHECK(cudaEventCreate(&event)); }
+  ~TimingEvent() { (void)cudaEventDestroy(event); }
+  TimingEvent(const TimingEvent&) = delete;
+  TimingEvent& operator=(const TimingEvent&) = delete;
+};
+
 // Checks what the forward of these sizes would check, then times one probe launch.
 template <typename scalar_t, int R>
 double probe_ms(int64_t N, int64_t H, int64_t T, bool barrier, bool matvec) {
@@ -482,17 +487,13 @@ double probe_ms(int64_t N, int64_t H, int64_t T, bool barrier, bool matvec) {
   acc_t* sink_ptr = sink.data_ptr<acc_t>();
   void* args[] = {&sink_ptr, &T, &N, &H, &U, &barrier, &matvec};
   const auto stream = at::cuda::getCurrentCUDAStream();
-  cudaEvent_t begin, end;
-  C10_CUDA_CHECK(cudaEventCreate(&begin));
-  C10_CUDA_CHECK(cudaEventCreate(&end));
-  C10_CUDA_CHECK(cudaEventRecord(begin, stream));
+  TimingEvent begin, end;
+  C10_CUDA_CHECK(cudaEventRecord(begin.event, stream));
   const bool ran = launch_cooperative(cooperative_probe_kernel<scalar_t, R>, blocks, smem, args);
-  C10_CUDA_CHECK(cudaEventRecord(end, stream));
-  C10_CUDA_CHECK(cudaEventSynchronize(end));
+  C10_CUDA_CHECK(cudaEventRecord(end.event, stream));
+  C10_CUDA_CHECK(cudaEventSynchronize(end.event));
   float ms = 0;
-  C10_CUDA_CHECK(cudaEventElapsedTime(&ms, begin, end));
-  C10_CUDA_CHECK(cudaEventDestroy(begin));
-  C10_CUDA_CHECK(cudaEventDestroy(end));
+  C10_CUDA_CHECK(cudaEventElapsedTime(&ms, begin.event, end.event));
   return ran ? double(ms) : -1.0;
 }
 

@@ -42,6 +42,8 @@ namespace handlstm {
 namespace {
 
 constexpr int kPersistentThreads = persistent::kThreads;
+using persistent::load_gates;
+using persistent::store_gates;
 using persistent::stored;
 
 // Shared memory of one block: the weight (H x G for the forward, transposed so that the
@@ -113,11 +115,7 @@ __global__ void __launch_bounds__(kPersistentThreads)
       acc_t cv, mv;
       const Gates<acc_t> a = cell_forward<acc_t>(p[j], p[H + j], p[2 * H + j], p[3 * H + j],
                                                  c[e], &cv, &mv);
-      scalar_t* gr = g_t + r * G;
-      gr[j] = static_cast<scalar_t>(a.i);
-      gr[H + j] = static_cast<scalar_t>(a.f);
-      gr[2 * H + j] = static_cast<scalar_t>(a.g);
-      gr[3 * H + j] = static_cast<scalar_t>(a.o);
+      store_gates<scalar_t>(g_t + r * G, H, j, a);
       const int64_t at = (t * N + row0) * H + e;
       cells[at] = static_cast<scalar_t>(cv);
       output[at] = static_cast<scalar_t>(mv);
@@ -165,9 +163,7 @@ __global__ void __launch_bounds__(kPersistentThreads)
     // Phase B: the fused pointwise backward of the step (see Note [Backward through time]).
     for (int64_t e = threadIdx.x; e < int64_t(rows) * H; e += blockDim.x) {
       const int64_t r = e / H, j = e - r * H;
-      const scalar_t* gr = gates + (t * N + row0 + r) * G;
-      const Gates<acc_t> a{acc_t(gr[j]), acc_t(gr[H + j]), acc_t(gr[2 * H + j]),
-                           acc_t(gr[3 * H + j])};
+      const Gates<acc_t> a = load_gates<acc_t>(gates + (t * N + row0 + r) * G, H, j);
       const int64_t at = (t * N + row0) * H + e;
       const acc_t c_t = acc_t(cells[at]);
       const acc_t c_prev =
@@ -176,16 +172,8 @@ __global__ void __launch_bounds__(kPersistentThreads)
       if (grad_output != nullptr) dm += acc_t(grad_output[at]);
       acc_t dcp;
       const Gates<acc_t> dp = cell_backward<acc_t>(a, c_t, c_prev, dm, dc[e], &dcp);
-      scalar_t* dgr = dgates + (t * N + row0 + r) * G;
-      dgr[j] = static_cast<scalar_t>(dp.i);
-      dgr[H + j] = static_cast<scalar_t>(dp.f);
-      dgr[2 * H + j] = static_cast<scalar_t>(dp.g);
-      dgr[3 * H + j] = static_cast<scalar_t>(dp.o);
-      acc_t* dgs = dg + r * G;
-      dgs[j] = stored<scalar_t>(dp.i);
-      dgs[H + j] = stored<scalar_t>(dp.f);
-      dgs[2 * H + j] = stored<scalar_t>(dp.g);
-      dgs[3 * H + j] = stored<scalar_t>(dp.o);
+      store_gates<scalar_t>(dgates + (t * N + row0 + r) * G, H, j, dp);
+      store_gates<scalar_t>(dg + r * G, H, j, dp);
       dc[e] = stored<scalar_t>(dcp);
     }
     __syncthreads();

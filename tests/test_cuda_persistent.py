@@ -230,7 +230,7 @@ def test_deterministic(design):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("case", ["projection", "packed", "too-large-H"])
+@pytest.mark.parametrize("case", ["projection", "packed", "too-large-H", "wide-batch"])
 def test_out_of_scope_calls_take_the_generic_loop(persistent, case):
     """With the switch on, calls outside both persistent designs' scope still give the
     reference's numbers: they fall back to the generic loop."""
@@ -239,6 +239,10 @@ def test_out_of_scope_calls_take_the_generic_loop(persistent, case):
         # float64 W_hh of 72 MB: beyond one block, and so are the cooperative design's 4U = 48
         # gate rows per block (576 KB) on 132 multiprocessors.
         H = 1500
+    if case == "wide-batch":
+        # The cooperative forward's h tile (N x H, 800 KB in float64) does not fit a block; its
+        # backward would, but serves only what the forward serves.
+        T, N, H = 2, 200, 512
     args = make_args(T, N, I, H, P, device="cuda", seed=9)
     kw = {}
     if case == "packed":
