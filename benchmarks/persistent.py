@@ -9,6 +9,9 @@ interleaved in one run, with CUDA events: torch.nn.LSTM (cuDNN), ours on the gen
 ratios are the measured crossovers a dispatcher between the two loops needs. float32 runs with
 TF32 off everywhere (exact float32, as the persistent loops compute).
 
+Two more calls per point: cuDNN and our generic loop, each captured whole (forward and backward)
+in a CUDA graph and replayed, i.e. what graphs save of their per-step launch cost.
+
 For points the cooperative design serves it also times, at the same grid and shared memory,
 T steps of the grid barrier alone and of the on-chip matvec alone
 (handlstm_cuda._C._cuda_cooperative_probe_ms), beside the persistent forward's own time per
@@ -39,6 +42,9 @@ from .timing import paired_ratio, time_cuda
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IMPLS = ("cudnn", "generic", "persistent")
+# Whole calls captured in a CUDA graph and replayed: what graphs save of the per-step launch
+# cost, for cuDNN and for our generic loop (the persistent loops launch once anyway).
+GRAPHED = ("cudnn", "generic")
 MODES = ("fwd+bwd", "infer")
 TIMING = Timing(cpu_min_run_time=0, cpu_min_reps=0, cpu_max_time=0, cuda_warmup=0.03,
                 cuda_target=0.05, cuda_min_reps=10, cuda_max_reps=200)
@@ -103,6 +109,28 @@ class Point:
                 self.output(impl).backward(self.grad)
         return run
 
+    def graphed(self, impl, mode):
+        """A step() replaying a CUDA graph of one call of `impl` in `mode` (captured whole,
+        forward and backward), or None with the reason when capture fails."""
+        run = self.step(impl, mode)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch asks
+            for _ in range(2):
+                self.clear()
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.clear()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                run()
+        except RuntimeError as e:
+            return None, f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        finally:
+            self.clear()
+        return graph.replay, None
+
     def check(self, impl):
         """(loops, relative error of output and input gradient against cuDNN)."""
         results = {}
@@ -137,16 +165,28 @@ def measure(hl, C, point):
     for mode in MODES:
         steps = {impl: p.step(impl, mode) for impl in IMPLS}
         clears = {impl: p.clear for impl in IMPLS}
+        for impl in GRAPHED:
+            replay, why = p.graphed(impl, mode)
+            if replay is None:
+                print(f"  {impl} {mode}: CUDA graph capture failed ({why})", flush=True)
+                continue
+            steps[impl + "+graph"] = replay
+            clears[impl + "+graph"] = lambda: None  # replays write the graph's own buffers
         stats = time_cuda(steps, clears, TIMING)
+        del steps
         row = dict(dtype=dtype_name, T=T, N=N, I=I, H=H, mode=mode, forward_loop=loops[0],
                    backward_loop=loops[1], err_persistent=err, err_generic=err_generic)
         for impl in IMPLS:
             row[f"{impl}_ms"] = stats[impl].median * 1e3
             row[f"{impl}_us_per_step"] = stats[impl].median * 1e6 / T
-        for impl in ("generic", "persistent"):
-            # Per-round ratios: cuDNN's time over ours (above 1: ours is faster).
-            row[f"speedup_{impl}"] = paired_ratio(stats["cudnn"].samples,
-                                                  stats[impl].samples)[0]
+        for impl in ("generic", "persistent") + tuple(g + "+graph" for g in GRAPHED):
+            if impl not in stats:
+                continue
+            # Per-round ratios: plain cuDNN's time over this one's (above 1: this is faster).
+            key = impl.replace("+", "_")
+            row[f"{key}_ms"] = stats[impl].median * 1e3
+            row[f"speedup_{key}"] = paired_ratio(stats["cudnn"].samples,
+                                                 stats[impl].samples)[0]
         row["persistent_vs_generic"] = paired_ratio(stats["generic"].samples,
                                                     stats["persistent"].samples)[0]
         if loops[0] == "cooperative" and mode == "infer":
@@ -205,9 +245,10 @@ def run(args):
 
 
 COLUMNS = ("dtype", "T", "N", "I", "H", "mode", "forward_loop", "backward_loop", "cudnn_ms",
-           "generic_ms", "persistent_ms", "speedup_generic", "speedup_persistent",
-           "persistent_vs_generic", "persistent_us_per_step", "barrier_us", "matvec_us",
-           "err_generic", "err_persistent")
+           "generic_ms", "persistent_ms", "cudnn_graph_ms", "generic_graph_ms",
+           "speedup_generic", "speedup_persistent", "speedup_cudnn_graph",
+           "speedup_generic_graph", "persistent_vs_generic", "persistent_us_per_step",
+           "barrier_us", "matvec_us", "err_generic", "err_persistent")
 
 
 def write_csv(path, meta, rows):
@@ -270,18 +311,22 @@ def markdown(meta, rows):
     out += [f"- {k}: {v}" for k, v in meta.items()]
     out += ["", "Speedups are cuDNN's time over ours, median of per-round ratios (above 1: ours "
             "is faster). generic: cuBLAS GEMM + fused pointwise kernel per step; persistent: "
-            "the loop named in the loops column (forward/backward). us/step: the persistent "
+            "the loop named in the loops column (forward/backward); +graph: the whole call "
+            "captured in a CUDA graph and replayed (speedup still over plain cuDNN). "
+            "us/step: the persistent "
             "call's time over T; barrier and matvec: per-step time of the cooperative grid "
             "barrier and of its on-chip matvec alone (infer rows of cooperative points).", ""]
     out.append("| dtype | T | N | H | mode | loops | cuDNN ms | generic x | persistent x | "
-               "persistent/generic x | us/step | barrier us | matvec us | err |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+               "persistent/generic x | cuDNN+graph x | generic+graph x | us/step | barrier us | "
+               "matvec us | err |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         out.append(
             f"| {r['dtype']} | {r['T']} | {r['N']} | {r['H']} | {r['mode']} | "
             f"{r['forward_loop']}/{r['backward_loop']} | {r['cudnn_ms']:.3f} | "
             f"{r['speedup_generic']:.2f} | {r['speedup_persistent']:.2f} | "
-            f"{r['persistent_vs_generic']:.2f} | {r['persistent_us_per_step']:.2f} | "
+            f"{r['persistent_vs_generic']:.2f} | {_f(r.get('speedup_cudnn_graph'), '.2f')} | "
+            f"{_f(r.get('speedup_generic_graph'), '.2f')} | {r['persistent_us_per_step']:.2f} | "
             f"{_f(r.get('barrier_us'), '.2f')} | {_f(r.get('matvec_us'), '.2f')} | "
             f"{r['err_persistent']:.1e} |")
     out += ["", "## Targets", ""] + [f"- {line}" for line in targets(rows)]
