@@ -103,6 +103,11 @@ def git_describe():
             cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
+        # A copy of the tree without .git (a lent GPU machine gets one): the commit the caller
+        # names, if any.
+        named = os.environ.get("HANDLSTM_GIT_COMMIT")
+        if named:
+            return f"{named} (named by HANDLSTM_GIT_COMMIT; not a git checkout)"
         return "unknown (not a git checkout)"
     return commit + (" (with uncommitted changes)" if dirty else "")
 

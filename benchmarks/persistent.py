@@ -163,11 +163,13 @@ def measure(hl, C, point):
     _, err_generic = p.check("generic")
     rows = []
     for mode in MODES:
+        graph_notes = []
         steps = {impl: p.step(impl, mode) for impl in IMPLS}
         clears = {impl: p.clear for impl in IMPLS}
         for impl in GRAPHED:
             replay, why = p.graphed(impl, mode)
             if replay is None:
+                graph_notes.append(f"{impl} {mode}: {why}")
                 print(f"  {impl} {mode}: CUDA graph capture failed ({why})", flush=True)
                 continue
             steps[impl + "+graph"] = replay
@@ -192,6 +194,7 @@ def measure(hl, C, point):
         if loops[0] == "cooperative" and mode == "infer":
             row["barrier_us"] = probe_per_step_us(C, N, H, dtype_name, True, False)
             row["matvec_us"] = probe_per_step_us(C, N, H, dtype_name, False, True)
+        row["note"] = "; ".join(f"graph capture failed: {n}" for n in graph_notes)
         rows.append(row)
         print(_line(row), flush=True)
     return rows
@@ -209,7 +212,7 @@ def run(args):
     C = hl._ext._C
     before = hl.cuda_persistent_enabled()
     start = time.perf_counter()
-    rows, skipped = [], 0
+    rows, skipped, failed = [], 0, []
     try:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -225,30 +228,35 @@ def run(args):
 
         def save():
             meta["points skipped by the budget"] = skipped
+            meta["points that failed"] = "; ".join(failed) or "none"
             write_csv(out / "persistent.csv", meta, rows)
             text = markdown(meta, rows)
             (out / "persistent.md").write_text(text)
             return text
 
         for point in points(args.quick):
-            if args.budget and time.perf_counter() - start > args.budget:
+            if args.budget is not None and rows and time.perf_counter() - start > args.budget:
                 skipped += 1
                 continue
-            rows += measure(hl, C, point)
+            try:
+                rows += measure(hl, C, point)
+            except Exception as e:  # one failing point must not cost the others
+                failed.append(f"{point}: {type(e).__name__}: {str(e).splitlines()[0]}")
+                print(f"FAILED {failed[-1]}", flush=True)
             save()  # after every point, so that a run cut short still leaves its results
             torch.cuda.empty_cache()
     finally:
         hl.set_cuda_persistent_enabled(before)
     print()
     print(save())
-    return 0
+    return 1 if failed else 0
 
 
 COLUMNS = ("dtype", "T", "N", "I", "H", "mode", "forward_loop", "backward_loop", "cudnn_ms",
            "generic_ms", "persistent_ms", "cudnn_graph_ms", "generic_graph_ms",
            "speedup_generic", "speedup_persistent", "speedup_cudnn_graph",
            "speedup_generic_graph", "persistent_vs_generic", "persistent_us_per_step",
-           "barrier_us", "matvec_us", "err_generic", "err_persistent")
+           "barrier_us", "matvec_us", "err_generic", "err_persistent", "note")
 
 
 def write_csv(path, meta, rows):
@@ -337,8 +345,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="the seed and the issue's target points only (N <= 8, H 256/512)")
-    ap.add_argument("--budget", type=float, default=0,
-                    help="seconds after which no new point starts (0: no limit)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds after which no new point starts (default: no limit; 0 or "
+                         "less: the first point only)")
     ap.add_argument("--out", default=os.path.join(REPO_ROOT, "benchmarks", "out", "persistent"))
     return run(ap.parse_args(argv))
 

@@ -75,6 +75,7 @@ def main(argv):
         hl.set_cuda_persistent_enabled(True)
         print("persistent CUDA loops on:")
         ok &= _case(hl, ref, device, T=6, N=11, I=5, H=33, dtype=torch.float32)
+        ok &= _expect_loop(hl, device, "single-block")
         ok &= _case(hl, ref, device, T=3, N=9, I=4, H=16, dtype=torch.bfloat16, reverse=True)
         ok &= _expect_loop(hl, device, "single-block")
         # The cooperative design (W_hh split across blocks, a grid barrier per step): H = 300

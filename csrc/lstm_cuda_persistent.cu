@@ -13,7 +13,7 @@
 //
 // Scope, checked by persistent_eligible(): no projection, no packed batch (every row active at
 // every step), and W_hh (G x H) plus the block's state fitting in one block's shared memory
-// (computed per call; on an H200's 227 KiB per block, H up to about 110 in float32 and 155 in
+// (computed per call; on an H200's 227 KiB per block, H up to about 115 in float32 and 160 in
 // bfloat16/float16 with 8 rows per block, more with fewer). Larger weights go to the
 // cooperative loops (lstm_cuda_cooperative.cu: W_hh split across blocks, a grid-wide barrier
 // per step); what neither serves takes the generic loop.

@@ -299,3 +299,15 @@ def test_cuda_timer_logic_with_fake_events(monkeypatch):
         assert 0 < st.p25 <= st.median <= st.p75
         assert st.peak_bytes == 2**20
         assert calls[name] == cleared[name] >= 3 + st.reps + 1  # warm-up, rounds, memory call
+
+
+def test_git_describe_takes_the_named_commit_in_a_copy_without_git(monkeypatch):
+    """A lent GPU machine gets the tree without .git: HANDLSTM_GIT_COMMIT names the commit."""
+    def no_git(*args, **kwargs):
+        raise OSError("git: not found")
+
+    monkeypatch.setattr(env.subprocess, "run", no_git)
+    monkeypatch.delenv("HANDLSTM_GIT_COMMIT", raising=False)
+    assert env.git_describe() == "unknown (not a git checkout)"
+    monkeypatch.setenv("HANDLSTM_GIT_COMMIT", "abc1234")
+    assert env.git_describe().startswith("abc1234 (named by HANDLSTM_GIT_COMMIT")
