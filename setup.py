@@ -77,6 +77,7 @@ def extensions():
         "csrc/lstm_ops.cpp",
         "csrc/lstm_driver.cpp",
         "csrc/lstm_cpu.cpp",
+        "csrc/cuda_loop_choice.cpp",
         "csrc/cpu/cell_cpu_avx2.cpp",
         "csrc/cpu/cell_cpu_avx512.cpp",
     ]
@@ -120,6 +121,8 @@ setup(
     version="0.1.0",
     description="Fused LSTM with a hand-derived backward, CPU and CUDA kernels for PyTorch",
     packages=find_packages(include=["handlstm_cuda", "handlstm_cuda.*"]),
+    # The measured CUDA crossovers, when a GPU run has produced them (see _ops.py).
+    package_data={"handlstm_cuda": ["*.json"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     python_requires=">=3.9",

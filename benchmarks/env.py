@@ -118,9 +118,9 @@ def ours_description(hl):
     has = getattr(hl, "has_cuda_kernels", None)
     if has is not None:
         parts.append(f"has_cuda_kernels={has()}")
-    persistent = getattr(hl, "cuda_persistent_enabled", None)
-    if has is not None and has() and persistent is not None:
-        parts.append(f"cuda_persistent={persistent()}")
+    loop = getattr(hl, "cuda_time_loop", None)
+    if has is not None and has() and loop is not None:
+        parts.append(f"cuda_time_loop={loop()}")
     native = getattr(getattr(hl, "_C", None), "__file__", None)
     if native:
         built = datetime.datetime.fromtimestamp(os.path.getmtime(native)).astimezone()

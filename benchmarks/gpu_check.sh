@@ -18,12 +18,13 @@
 # a step that fails or times out is reported and the next one still runs. If the build fails,
 # the benchmark times the baselines alone.
 #
-# What lands in OUTDIR (eight files, so all of them come back from a lent machine):
+# What lands in OUTDIR (a dozen files, all small enough to come back from a lent machine):
 #   check.log  every step's command, output, exit status and duration (also nvidia-smi, versions)
 #   bench.txt  the benchmark's terminal output (the ratio table and the targets)
 #   bench.csv  bench.md  bench.png  the benchmark's results (see benchmarks/README.md)
 #   tests.xml  the CUDA tests, one entry per test (JUnit XML)
-#   persistent/sweep.txt  persistent.csv  persistent.md  the persistent loops' sweep
+#   persistent/sweep.txt  persistent.csv  persistent.md  cuda_crossovers.json  the persistent
+#              loops' sweep, and the crossover table it measured for the "auto" time loop
 #
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default
 # 16), GPU_CHECK_BUDGET, BENCH_ARGS (extra arguments for the benchmark, e.g. "--quick"),

@@ -17,8 +17,10 @@ T steps of the grid barrier alone and of the on-chip matvec alone
 (handlstm_cuda._C._cuda_cooperative_probe_ms), beside the persistent forward's own time per
 step: the issue's "within 2x of barrier + matvec" figure.
 
-Writes persistent.csv and persistent.md to --out (default benchmarks/out/persistent) and prints
-the table and the target lines. Needs a GPU and a CUDA build of the extension.
+Writes persistent.csv, persistent.md and cuda_crossovers.json (the measured crossovers, the
+table handlstm_cuda.load_cuda_crossovers reads for the 'auto' time loop; copy it to
+handlstm_cuda/cuda_crossovers.json to ship it) to --out (default benchmarks/out/persistent), and
+prints the table and the target lines. Needs a GPU and a CUDA build of the extension.
 
 Shape vocabulary: T time, N batch, I input, H hidden.
 """
@@ -26,6 +28,7 @@ Shape vocabulary: T time, N batch, I input, H hidden.
 import argparse
 import csv
 import datetime
+import json
 import math
 import os
 import statistics
@@ -95,7 +98,7 @@ class Point:
             return self.base(self.x, (self.h0, self.c0))[0]
         # The switch is set inside the timed call, so the backward that follows runs the loop
         # of this implementation too (the flag is process-wide).
-        self.C._set_cuda_persistent_enabled(impl == "persistent")
+        self.hl.set_cuda_time_loop("persistent" if impl == "persistent" else "generic")
         w_ih, w_hh, b_ih, b_hh = self.weights
         return self.hl.lstm(self.x, self.h0[0], self.c0[0], w_ih, w_hh, b_ih + b_hh)[0]
 
@@ -210,7 +213,7 @@ def run(args):
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     C = hl._ext._C
-    before = hl.cuda_persistent_enabled()
+    before = hl.cuda_time_loop()
     start = time.perf_counter()
     rows, skipped, failed = [], 0, []
     try:
@@ -232,6 +235,7 @@ def run(args):
             write_csv(out / "persistent.csv", meta, rows)
             text = markdown(meta, rows)
             (out / "persistent.md").write_text(text)
+            (out / "cuda_crossovers.json").write_text(json.dumps(crossovers(meta, rows), indent=1))
             return text
 
         for point in points(args.quick):
@@ -246,7 +250,7 @@ def run(args):
             save()  # after every point, so that a run cut short still leaves its results
             torch.cuda.empty_cache()
     finally:
-        hl.set_cuda_persistent_enabled(before)
+        hl.set_cuda_time_loop(before)
     print()
     print(save())
     return 1 if failed else 0
@@ -257,6 +261,29 @@ COLUMNS = ("dtype", "T", "N", "I", "H", "mode", "forward_loop", "backward_loop",
            "speedup_generic", "speedup_persistent", "speedup_cudnn_graph",
            "speedup_generic_graph", "persistent_vs_generic", "persistent_us_per_step",
            "barrier_us", "matvec_us", "err_generic", "err_persistent", "note")
+
+
+# The persistent loops must beat the generic one by this factor at a point to be chosen there:
+# closer calls stay on the generic loop, which has been measured more.
+WIN_MARGIN = 1.05
+
+
+def crossovers(meta, rows):
+    """The table handlstm_cuda.load_cuda_crossovers reads: for every row, whether the persistent
+    loops won there (infer rows steer the forward loop, fwd+bwd rows the backward loop). A point
+    where the persistent call fell back to the generic loop is a loss."""
+    points = []
+    for r in rows:
+        forward = r["mode"] == "infer"
+        ran = r["forward_loop"] if forward else r["backward_loop"]
+        wins = ran != "generic" and r["speedup_persistent"] >= WIN_MARGIN * r["speedup_generic"]
+        points.append(dict(dtype=r["dtype"], forward=forward, N=r["N"], H=r["H"], T=r["T"],
+                           persistent_wins=bool(wins)))
+    return {"device": meta.get("gpu", ""), "measured": meta.get("date", ""),
+            "commit": meta.get("commit", ""),
+            "rule": f"persistent where its speedup over cuDNN is at least {WIN_MARGIN}x the "
+                    "generic loop's at that point",
+            "points": points}
 
 
 def write_csv(path, meta, rows):

@@ -18,6 +18,7 @@
 
 #include <array>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -120,15 +121,38 @@ using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
                                   at::Tensor, at::Tensor>;
 
 // The persistent CUDA time loops (lstm_cuda_persistent.cu, lstm_cuda_cooperative.cu; CUDA
-// builds only): CellKernels forward_loop / backward_loop hooks that return false when the flag
-// is off or the arguments are out of their scope. The flag is off by default, since these
-// loops have not yet run on a GPU; cooperative_only (tests) makes them try the multi-block
-// cooperative design before the single-block one. Both flags live in lstm_ops.cpp, so
-// CPU-only builds keep the Python switches.
-bool cuda_persistent_enabled();
-void set_cuda_persistent_enabled(bool enabled);
+// builds only): CellKernels forward_loop / backward_loop hooks that return false when the mode
+// below does not want them or the arguments are out of their scope. cooperative_only (tests)
+// makes them try the multi-block cooperative design before the single-block one; it lives in
+// lstm_ops.cpp, so CPU-only builds keep the Python switch.
 bool cuda_persistent_cooperative_only();
 void set_cuda_persistent_cooperative_only(bool only);
+
+// Which time loop CUDA calls take (cuda_loop_choice.cpp):
+//   kGeneric     the per-step loop (a cuBLAS GEMM and a fused pointwise kernel per step); the
+//                default, since the persistent loops have not yet run on a GPU
+//   kPersistent  a persistent design wherever one can run
+//   kAuto        the persistent loops where measured crossovers (set_cuda_crossovers) say they
+//                win for the call's dtype, direction and nearest measured shape on this GPU
+//                model, else the generic loop
+enum class CudaLoopMode : int { kGeneric = 0, kPersistent = 1, kAuto = 2 };
+CudaLoopMode cuda_loop_mode();
+void set_cuda_loop_mode(CudaLoopMode mode);
+
+// One measured point: whether the persistent loops beat the generic one there, for the forward
+// (forward = true: from forward-only timings) or the backward (from forward+backward timings).
+struct Crossover {
+  at::ScalarType dtype;
+  bool forward;
+  int64_t N, H, T;
+  bool persistent_wins;
+};
+// Replaces the table; `device` is the GPU model it was measured on (cudaDeviceProp::name).
+void set_cuda_crossovers(std::string device, std::vector<Crossover> points);
+size_t cuda_crossover_count();
+bool crossovers_favour_persistent(const std::string& device, at::ScalarType dtype, bool forward,
+                                  int64_t N, int64_t H, int64_t T);
+
 bool persistent_forward_loop(const LoopArgs& a);
 bool persistent_backward_loop(const LoopArgs& a);
 

@@ -2,9 +2,9 @@
 // backward) recurrence when W_hh is too large for one block's shared memory, by splitting it
 // across blocks and putting a grid-wide barrier between steps.
 //
-// STATUS: compiled in CI, never run on a GPU. Reached only with the persistent switch on
-// (set_cuda_persistent_enabled(True) / HANDLSTM_CUDA_PERSISTENT=1), for calls whose W_hh does
-// not fit the single-block loops (lstm_cuda_persistent.cu), or for every call in scope while
+// STATUS: compiled in CI, never run on a GPU. Reached only when the CUDA loop mode asks for a
+// persistent loop (see CudaLoopMode in lstm.h), for calls whose W_hh does not fit the
+// single-block loops (lstm_cuda_persistent.cu), or for every call in scope while
 // cuda_persistent_cooperative_only is set (the tests' way to run this design at small sizes).
 //
 // Why: at a small batch (N <= 8) and H = 256 or 512, each step is a few hundred kilo-MACs, far
@@ -443,7 +443,7 @@ bool run_backward(const LoopArgs& a, int64_t U, int64_t blocks) {
 
 template <bool kForward>
 bool run_cooperative(const LoopArgs& a) {
-  if (!cuda_persistent_enabled() || !persistent::plain_shape(a)) return false;
+  if (!persistent::plain_shape(a)) return false;  // (the mode was checked by the caller)
   const int64_t U = units_per_block(a.H);
   const int64_t blocks = (a.H + U - 1) / U;
   bool ran = false;

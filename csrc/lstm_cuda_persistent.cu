@@ -1,8 +1,9 @@
 // Persistent CUDA time loops: one launch runs every step of the forward (or the backward)
 // recurrence, with the recurrent weight held in shared memory across steps.
 //
-// STATUS: compiled in CI, never run on a GPU. Off unless set_cuda_persistent_enabled(True)
-// (or HANDLSTM_CUDA_PERSISTENT=1 at import); benchmarks/gpu_check.sh runs its tests. The hooks
+// STATUS: compiled in CI, never run on a GPU. Off unless the CUDA loop mode asks for it
+// (set_cuda_time_loop("persistent" or "auto"), HANDLSTM_CUDA_LOOP, or the shorthand
+// HANDLSTM_CUDA_PERSISTENT=1); benchmarks/gpu_check.sh runs its tests. The hooks
 // at the bottom are the entry of both persistent designs: this one and the cooperative loops.
 //
 // Why: the generic CUDA loop (lstm_driver.cpp) launches one cuBLAS GEMM and one pointwise
@@ -204,7 +205,7 @@ int rows_per_block(int64_t N) {
 // Whether the single-block loop serves these arguments (see the scope at the top), and the
 // rows per block and shared memory it would use.
 bool persistent_eligible(const LoopArgs& a, int* R, int64_t* smem) {
-  if (!cuda_persistent_enabled() || !persistent::plain_shape(a)) return false;
+  if (!persistent::plain_shape(a)) return false;
   *R = rows_per_block(a.N);
   if ((a.N + *R - 1) / *R > int64_t(std::numeric_limits<int>::max())) return false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.gates.scalar_type(),
@@ -274,13 +275,26 @@ bool run_single_block(const LoopArgs& a) {
 // The single-block loop where it serves the call, else the cooperative one (which may decline
 // too, leaving the call to the generic loop); with cooperative_only set, the cooperative loop
 // is tried first. Records which one ran.
+// Whether the loop mode asks for a persistent loop for this call (see CudaLoopMode).
+bool persistent_wanted(const LoopArgs& a, bool forward) {
+  switch (cuda_loop_mode()) {
+    case CudaLoopMode::kPersistent: return true;
+    case CudaLoopMode::kAuto:
+      return crossovers_favour_persistent(at::cuda::getCurrentDeviceProperties()->name,
+                                          a.gates.scalar_type(), forward, a.N, a.H, a.sch->T);
+    default: return false;
+  }
+}
+
 template <bool kForward>
 bool run_persistent(const LoopArgs& a) {
   const auto cooperative = [&] {
     return kForward ? cooperative_forward_loop(a) : cooperative_backward_loop(a);
   };
   CudaLoop ran = CudaLoop::kGeneric;
-  if (cuda_persistent_cooperative_only() && cooperative()) {
+  if (!persistent_wanted(a, kForward)) {
+    // the generic loop
+  } else if (cuda_persistent_cooperative_only() && cooperative()) {
     ran = CudaLoop::kCooperative;
   } else if (run_single_block<kForward>(a)) {
     ran = CudaLoop::kSingleBlock;

@@ -15,7 +15,6 @@ const char* cpu_pointwise_path();
 void set_cpu_pointwise_path(const std::string& name);
 
 namespace {
-std::atomic<bool> persistent_flag{false};
 std::atomic<bool> cooperative_only_flag{false};
 std::atomic<int> last_loop[2] = {0, 0};  // backward, forward
 
@@ -36,8 +35,6 @@ CudaLoop last_cuda_loop(bool forward) {
   return static_cast<CudaLoop>(last_loop[forward].load(std::memory_order_relaxed));
 }
 
-bool cuda_persistent_enabled() { return persistent_flag.load(std::memory_order_relaxed); }
-void set_cuda_persistent_enabled(bool enabled) { persistent_flag.store(enabled); }
 bool cuda_persistent_cooperative_only() {
   return cooperative_only_flag.load(std::memory_order_relaxed);
 }
@@ -64,6 +61,19 @@ TORCH_LIBRARY(handlstm, m) {
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
+namespace {
+// A floating dtype from its torch name ("float32", ...), or an error naming the function.
+at::ScalarType scalar_type_named(const std::string& name, const char* fn) {
+  if (name == "float32") return at::kFloat;
+  if (name == "float64") return at::kDouble;
+  if (name == "bfloat16") return at::kBFloat16;
+  if (name == "float16") return at::kHalf;
+  TORCH_CHECK(false, fn, ": dtype must be one of float32, float64, bfloat16, float16, got '",
+              name, "'");
+  return at::ScalarType::Undefined;  // not reached
+}
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "handlstm_cuda native kernels; the ops live in torch.ops.handlstm";
   m.def(
@@ -80,10 +90,41 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The CPU pointwise path in use: 'avx512', 'avx2' or 'scalar' (chosen at load time).");
   m.def("_set_cpu_pointwise_path", &handlstm::set_cpu_pointwise_path,
         "Use a narrower CPU pointwise path (tests run every path the CPU has).");
-  m.def("cuda_persistent_enabled", &handlstm::cuda_persistent_enabled,
-        "Whether CUDA calls in scope take the persistent time loops (not yet run on a GPU).");
-  m.def("_set_cuda_persistent_enabled", &handlstm::set_cuda_persistent_enabled,
-        "Turn the persistent CUDA time loops on or off (no effect in a CPU-only build).");
+  m.def("_cuda_loop_mode", [] { return static_cast<int>(handlstm::cuda_loop_mode()); },
+        "Which time loop CUDA calls take: 0 generic, 1 persistent, 2 auto (by crossovers).");
+  m.def(
+      "_set_cuda_loop_mode",
+      [](int mode) {
+        TORCH_CHECK(mode >= 0 && mode <= 2,
+                    "_set_cuda_loop_mode: mode must be 0 (generic), 1 (persistent) or 2 (auto), "
+                    "got ", mode);
+        handlstm::set_cuda_loop_mode(static_cast<handlstm::CudaLoopMode>(mode));
+      },
+      "Set the CUDA time loop mode (see _cuda_loop_mode; no effect in a CPU-only build).");
+  m.def(
+      "_set_cuda_crossovers",
+      [](std::string device,
+         const std::vector<std::tuple<std::string, bool, int64_t, int64_t, int64_t, bool>>&
+             points) {
+        std::vector<handlstm::Crossover> table;
+        for (const auto& [dtype, forward, N, H, T, wins] : points) {
+          table.push_back({scalar_type_named(dtype, "_set_cuda_crossovers"), forward, N, H, T,
+                           wins});
+        }
+        handlstm::set_cuda_crossovers(std::move(device), std::move(table));
+      },
+      "Replace the crossover table: the GPU model's name and (dtype, forward, N, H, T, "
+      "persistent_wins) per measured point.");
+  m.def("_cuda_crossover_count", &handlstm::cuda_crossover_count,
+        "Points in the crossover table.");
+  m.def(
+      "_cuda_crossover_choice",
+      [](const std::string& device, const std::string& dtype, bool forward, int64_t N, int64_t H,
+         int64_t T) {
+        return handlstm::crossovers_favour_persistent(
+            device, scalar_type_named(dtype, "_cuda_crossover_choice"), forward, N, H, T);
+      },
+      "Whether the auto mode would take the persistent loops for such a call on that GPU.");
   m.def("_cuda_persistent_cooperative_only", &handlstm::cuda_persistent_cooperative_only,
         "Whether the persistent loops try the multi-block cooperative design first.");
   m.def("_set_cuda_persistent_cooperative_only",
@@ -102,14 +143,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "_cuda_cooperative_probe_ms",
       [](int64_t N, int64_t H, int64_t T, const std::string& dtype, bool barrier, bool matvec) {
-        const at::ScalarType st = dtype == "float32"    ? at::kFloat
-                                  : dtype == "float64"  ? at::kDouble
-                                  : dtype == "bfloat16" ? at::kBFloat16
-                                  : dtype == "float16"  ? at::kHalf
-                                                        : at::ScalarType::Undefined;
-        TORCH_CHECK(st != at::ScalarType::Undefined,
-                    "_cuda_cooperative_probe_ms: dtype must be one of float32, float64, "
-                    "bfloat16, float16, got '", dtype, "'");
+        const at::ScalarType st = scalar_type_named(dtype, "_cuda_cooperative_probe_ms");
         return handlstm::cooperative_probe_ms(N, H, T, st, barrier, matvec);
       },
       py::arg("N"), py::arg("H"), py::arg("T"), py::arg("dtype"), py::arg("barrier"),

@@ -24,6 +24,7 @@ Registrations made here, and why (docs/works-with.md lists the tests):
 """
 
 import contextlib
+import json
 import os
 import warnings
 
@@ -248,25 +249,111 @@ _cuda_kernels_enabled = os.environ.get("HANDLSTM_CUDA_KERNELS", "0") == "1"
 _warned_cuda_fallback = False
 
 
-# The persistent CUDA time loops (csrc/lstm_cuda_persistent.cu, lstm_cuda_cooperative.cu: one
-# launch for all steps, the recurrent weight in shared memory of one block or split across
-# blocks) have not run on a GPU either: off unless
-# HANDLSTM_CUDA_PERSISTENT=1 (read at import) or set_cuda_persistent_enabled(True). They only
+# Which time loop CUDA calls take (csrc/cuda_loop_choice.cpp): "generic" (a cuBLAS GEMM and a
+# fused pointwise kernel per step), "persistent" (one launch for all steps, the recurrent
+# weight in shared memory of one block or split across blocks, wherever the call is in scope:
+# no projection, no packed batch) or "auto" (the persistent loops where measured crossovers say
+# they win). The persistent loops have not run on a GPU either, so the default is "generic";
+# HANDLSTM_CUDA_LOOP (or the shorthand HANDLSTM_CUDA_PERSISTENT=1) is read at import. They only
 # take effect where the fused CUDA kernels run at all (see above).
-if os.environ.get("HANDLSTM_CUDA_PERSISTENT", "0") == "1":
-    _ext._C._set_cuda_persistent_enabled(True)
+CUDA_TIME_LOOPS = ("generic", "persistent", "auto")
+
+# Measured crossovers shipped with the package (written by benchmarks/persistent.py on a GPU),
+# read by the "auto" mode; absent until a GPU run has produced them.
+_DEFAULT_CROSSOVERS = os.path.join(os.path.dirname(__file__), "cuda_crossovers.json")
+
+
+def cuda_time_loop():
+    """The time loop CUDA calls take: 'generic', 'persistent' or 'auto'."""
+    return CUDA_TIME_LOOPS[_ext._C._cuda_loop_mode()]
+
+
+def set_cuda_time_loop(mode):
+    """Choose the CUDA time loop for this process: 'generic', 'persistent' (wherever one of the
+    persistent designs can run) or 'auto' (by the crossover table; see load_cuda_crossovers)."""
+    if mode not in CUDA_TIME_LOOPS:
+        raise ValueError(f"set_cuda_time_loop: mode must be one of {CUDA_TIME_LOOPS}, got {mode!r}")
+    _ext._C._set_cuda_loop_mode(CUDA_TIME_LOOPS.index(mode))
 
 
 def cuda_persistent_enabled():
-    """Whether CUDA calls in the persistent loops' scope (no projection, no packed batch, the
-    recurrent weight fitting in one block's shared memory, or split across the GPU's
-    multiprocessors) run them."""
-    return _ext._C.cuda_persistent_enabled()
+    """Whether CUDA calls in the persistent loops' scope run them unconditionally (the
+    'persistent' time loop)."""
+    return cuda_time_loop() == "persistent"
 
 
 def set_cuda_persistent_enabled(enabled):
-    """Turn the not-yet-GPU-verified persistent CUDA time loops on or off for this process."""
-    _ext._C._set_cuda_persistent_enabled(bool(enabled))
+    """Shorthand: set_cuda_time_loop('persistent' if enabled else 'generic')."""
+    set_cuda_time_loop("persistent" if enabled else "generic")
+
+
+_CROSSOVER_DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+def load_cuda_crossovers(path):
+    """Load a crossover table for the 'auto' time loop, replacing the current one; returns its
+    number of points. `path` is a JSON file as benchmarks/persistent.py writes it:
+
+        {"device": "NVIDIA H200",            # the GPU model (torch.cuda.get_device_name())
+         "points": [{"dtype": "float32", "forward": true, "N": 8, "H": 256, "T": 100,
+                     "persistent_wins": true}, ...]}
+
+    `forward` entries come from forward-only timings and steer the forward loop; the others,
+    from forward+backward timings, steer the backward loop. A call follows the nearest point of
+    its dtype and direction (in octaves of N and H, T a quarter as much); one farther than two
+    octaves from every point, or on another GPU model, takes the generic loop. None clears the
+    table.
+    """
+    if path is None:
+        _ext._C._set_cuda_crossovers("", [])
+        return 0
+    with open(path) as f:
+        table = json.load(f)
+    where = f"load_cuda_crossovers({str(path)!r})"
+    if not isinstance(table, dict) or not isinstance(table.get("device"), str):
+        raise ValueError(f"{where}: expected an object with a string 'device', got "
+                         f"{type(table).__name__}")
+    points = table.get("points")
+    if not isinstance(points, list):
+        raise ValueError(f"{where}: 'points' must be a list, got {type(points).__name__}")
+    rows = []
+    for i, p in enumerate(points):
+        try:
+            dtype, forward, wins = p["dtype"], p["forward"], p["persistent_wins"]
+            N, H, T = p["N"], p["H"], p["T"]  # noqa: N806 -- the shape vocabulary
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{where}: point {i} lacks {e} (needs dtype, forward, N, H, T, "
+                             "persistent_wins)") from None
+        if dtype not in _CROSSOVER_DTYPES:
+            raise ValueError(f"{where}: point {i}: dtype must be one of {_CROSSOVER_DTYPES}, "
+                             f"got {dtype!r}")
+        if not (isinstance(forward, bool) and isinstance(wins, bool)):
+            raise ValueError(f"{where}: point {i}: forward and persistent_wins must be true or "
+                             f"false, got {forward!r}, {wins!r}")
+        for name, v in (("N", N), ("H", H), ("T", T)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{where}: point {i}: {name} must be a positive integer, "
+                                 f"got {v!r}")
+        rows.append((dtype, forward, N, H, T, wins))
+    _ext._C._set_cuda_crossovers(table["device"], rows)
+    return len(rows)
+
+
+def _init_cuda_time_loop():
+    if os.path.exists(_DEFAULT_CROSSOVERS):
+        load_cuda_crossovers(_DEFAULT_CROSSOVERS)
+    mode = os.environ.get("HANDLSTM_CUDA_LOOP")
+    if os.environ.get("HANDLSTM_CUDA_PERSISTENT", "0") == "1":
+        mode = mode or "persistent"
+    if mode is not None:
+        if mode not in CUDA_TIME_LOOPS:
+            warnings.warn(f"handlstm_cuda: HANDLSTM_CUDA_LOOP={mode!r} is not one of "
+                          f"{CUDA_TIME_LOOPS}; keeping {cuda_time_loop()!r}", stacklevel=2)
+        else:
+            set_cuda_time_loop(mode)
+
+
+_init_cuda_time_loop()
 
 
 def cuda_kernels_enabled():

@@ -1,0 +1,159 @@
+"""The CUDA time loop's mode (generic, persistent, auto) and the crossover table the auto mode
+reads (csrc/cuda_loop_choice.cpp, handlstm_cuda.load_cuda_crossovers). The table's lookup is
+host code, so it is checked here on any machine; which loop a GPU call then takes is checked on
+a GPU. The sweep that writes such tables is benchmarks/persistent.py.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import handlstm_cuda as hl
+from conftest import make_args
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import persistent as sweep  # noqa: E402
+
+_C = hl._ext._C
+GPU = "Test GPU 9000"
+
+
+@pytest.fixture
+def restore():
+    """Leave the process's mode and table as they were (the package default)."""
+    mode = hl.cuda_time_loop()
+    yield
+    hl.set_cuda_time_loop(mode)
+    default = os.path.join(os.path.dirname(hl.__file__), "cuda_crossovers.json")
+    hl.load_cuda_crossovers(default if os.path.exists(default) else None)
+
+
+def _write(tmp_path, points, device=GPU):
+    path = tmp_path / "crossovers.json"
+    path.write_text(json.dumps({"device": device, "points": points}))
+    return path
+
+
+def _p(N, H, wins, dtype="float32", forward=True, T=100):  # noqa: N803
+    return dict(dtype=dtype, forward=forward, N=N, H=H, T=T, persistent_wins=wins)
+
+
+def test_mode_defaults_to_generic_and_round_trips(restore):
+    if "HANDLSTM_CUDA_LOOP" not in os.environ and os.environ.get(
+            "HANDLSTM_CUDA_PERSISTENT") != "1":
+        assert hl.cuda_time_loop() == "generic"
+    for mode in hl.CUDA_TIME_LOOPS:
+        hl.set_cuda_time_loop(mode)
+        assert hl.cuda_time_loop() == mode
+        assert hl.cuda_persistent_enabled() == (mode == "persistent")
+    hl.set_cuda_persistent_enabled(True)
+    assert hl.cuda_time_loop() == "persistent"
+    hl.set_cuda_persistent_enabled(False)
+    assert hl.cuda_time_loop() == "generic"
+
+
+def test_a_bad_mode_is_refused_naming_the_choices(restore):
+    with pytest.raises(ValueError, match=r"one of \('generic', 'persistent', 'auto'\), got 'fast'"):
+        hl.set_cuda_time_loop("fast")
+    with pytest.raises(RuntimeError, match="mode must be 0"):
+        _C._set_cuda_loop_mode(7)
+
+
+def test_a_bad_environment_value_warns_and_keeps_the_default(tmp_path):
+    import subprocess
+
+    env = dict(os.environ, HANDLSTM_CUDA_LOOP="fastest")
+    env.pop("HANDLSTM_CUDA_PERSISTENT", None)
+    proc = subprocess.run([sys.executable, "-c", "import handlstm_cuda as h; print(h.cuda_time_loop())"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "generic"
+    assert "HANDLSTM_CUDA_LOOP='fastest' is not one of" in proc.stderr
+
+
+def test_the_nearest_measured_point_decides(tmp_path, restore):
+    n = hl.load_cuda_crossovers(_write(tmp_path, [
+        _p(8, 256, True), _p(64, 256, False), _p(8, 1024, False),
+        _p(8, 256, False, forward=False),           # the backward has its own points
+        _p(8, 256, False, dtype="bfloat16"),        # and each dtype
+    ]))
+    assert n == 5 and _C._cuda_crossover_count() == 5
+    choice = _C._cuda_crossover_choice
+    assert choice(GPU, "float32", True, 8, 256, 100)
+    assert choice(GPU, "float32", True, 4, 300, 200)       # nearest: (8, 256)
+    assert not choice(GPU, "float32", True, 48, 256, 100)  # nearest: (64, 256)
+    assert not choice(GPU, "float32", True, 8, 900, 100)   # nearest: (8, 1024)
+    assert not choice(GPU, "float32", False, 8, 256, 100)  # backward point
+    assert not choice(GPU, "bfloat16", True, 8, 256, 100)
+    assert not choice(GPU, "float16", True, 8, 256, 100)   # no float16 point at all
+    assert not choice("Another GPU", "float32", True, 8, 256, 100)
+    # Two octaves away from every point (4x in N): not guessed, the generic loop.
+    assert choice(GPU, "float32", True, 2, 256, 100)
+    assert not choice(GPU, "float32", True, 1, 256, 100)
+    hl.load_cuda_crossovers(None)
+    assert _C._cuda_crossover_count() == 0
+    assert not choice(GPU, "float32", True, 8, 256, 100)
+
+
+def test_ties_go_to_the_first_point(tmp_path, restore):
+    hl.load_cuda_crossovers(_write(tmp_path, [_p(4, 256, True), _p(16, 256, False)]))
+    assert _C._cuda_crossover_choice(GPU, "float32", True, 8, 256, 100)
+
+
+@pytest.mark.parametrize("table,message", [
+    ([], "expected an object with a string 'device'"),
+    ({"device": GPU, "points": {}}, "'points' must be a list"),
+    ({"device": GPU, "points": [{"dtype": "float32"}]}, "point 0 lacks"),
+    ({"device": GPU, "points": [_p(8, 256, True, dtype="int8")]}, "dtype must be one of"),
+    ({"device": GPU, "points": [dict(_p(8, 256, True), forward=1)]}, "must be true or false"),
+    ({"device": GPU, "points": [_p(0, 256, True)]}, "N must be a positive integer, got 0"),
+    ({"device": GPU, "points": [_p(8, 2.5, True)]}, "H must be a positive integer, got 2.5"),
+])
+def test_a_malformed_table_is_refused_naming_what_is_wrong(tmp_path, restore, table, message):
+    hl.load_cuda_crossovers(_write(tmp_path, [_p(8, 256, True)]))
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(table))
+    with pytest.raises(ValueError, match=message):
+        hl.load_cuda_crossovers(path)
+    # The table in force is untouched by a refused one.
+    assert _C._cuda_crossover_choice(GPU, "float32", True, 8, 256, 100)
+
+
+def test_the_sweep_writes_a_table_the_package_loads(tmp_path, restore):
+    def row(mode, N, speedup, generic, loops=("cooperative", "cooperative")):  # noqa: N803
+        return dict(dtype="float32", T=100, N=N, I=256, H=256, mode=mode,
+                    forward_loop=loops[0], backward_loop=loops[1],
+                    speedup_persistent=speedup, speedup_generic=generic)
+
+    rows = [row("infer", 8, 3.0, 1.0), row("fwd+bwd", 8, 1.02, 1.0),   # within the margin
+            row("infer", 64, 0.5, 1.1), row("fwd+bwd", 64, 5.0, 1.0, ("generic", "generic"))]
+    table = sweep.crossovers({"gpu": GPU, "date": "today", "commit": "abc"}, rows)
+    assert [p["persistent_wins"] for p in table["points"]] == [True, False, False, False]
+    assert [p["forward"] for p in table["points"]] == [True, False, True, False]
+    path = tmp_path / "cuda_crossovers.json"
+    path.write_text(json.dumps(table))
+    assert hl.load_cuda_crossovers(path) == 4
+    assert _C._cuda_crossover_choice(GPU, "float32", True, 8, 256, 100)
+    assert not _C._cuda_crossover_choice(GPU, "float32", False, 8, 256, 100)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("wins", [True, False], ids=["persistent-wins", "generic-wins"])
+def test_auto_mode_follows_the_table_on_this_gpu(tmp_path, restore, wins):
+    T, N, I, H = 10, 8, 16, 256
+    hl.load_cuda_crossovers(_write(tmp_path, [
+        _p(N, H, wins, T=T), _p(N, H, wins, forward=False, T=T)],
+        device=torch.cuda.get_device_name()))
+    hl.set_cuda_time_loop("auto")
+    args = [t for t in make_args(T, N, I, H, 0, dtype=torch.float32, device="cuda") if t is not None]
+    out = hl.lstm(*args)[0]
+    out.sum().backward()
+    expected = "cooperative" if wins else "generic"
+    assert _C._cuda_last_loops() == (expected, expected)
