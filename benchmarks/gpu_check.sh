@@ -67,7 +67,8 @@ step() {
     t0=$(date +%s)
     # bash -c so that CMD may be one of the functions below (exported with export -f);
     # STEP_SECONDS tells it the time it has.
-    STEP_SECONDS=$t timeout -k 10 "$t" bash -c '"$@"' _ "$@" >>"$LOG" 2>&1
+    # SIGINT first: pytest then still writes tests.xml and the benchmarks their partial results.
+    STEP_SECONDS=$t timeout -s INT -k 10 "$t" bash -c '"$@"' _ "$@" >>"$LOG" 2>&1
     rc=$?
     local verdict="ok"
     ((rc == 124 || rc == 137)) && verdict="TIMED OUT"
@@ -156,8 +157,10 @@ bench() {
 bench_persistent() {
     set -o pipefail
     mkdir -p "$OUTDIR/persistent"
-    # (a budget of 0 or less still measures the first point: the seed workload)
-    "$PY" -m benchmarks.persistent --budget $((STEP_SECONDS - 30)) --out "$OUTDIR/persistent" \
+    # (a budget of 0 still measures the first point: the seed workload)
+    local b=$((STEP_SECONDS - 30))
+    ((b < 0)) && b=0
+    "$PY" -m benchmarks.persistent --budget "$b" --out "$OUTDIR/persistent" \
         | tee "$OUTDIR/persistent/sweep.txt"
 }
 

@@ -72,6 +72,7 @@ def main(argv):
                 batch_sizes=torch.tensor([5, 4, 2, 1]))
     if hasattr(hl, "set_cuda_persistent_enabled"):
         # The persistent time loops (shared memory, __syncthreads) are racecheck's main target.
+        before = hl.cuda_time_loop() if hasattr(hl, "cuda_time_loop") else "generic"
         hl.set_cuda_persistent_enabled(True)
         print("persistent CUDA loops on:")
         ok &= _case(hl, ref, device, T=6, N=11, I=5, H=33, dtype=torch.float32)
@@ -88,7 +89,10 @@ def main(argv):
                         reverse=True)
             ok &= _expect_loop(hl, device, "cooperative")
             hl._ext._C._set_cuda_persistent_cooperative_only(False)
-        hl.set_cuda_persistent_enabled(False)
+        if hasattr(hl, "set_cuda_time_loop"):
+            hl.set_cuda_time_loop(before)
+        else:
+            hl.set_cuda_persistent_enabled(False)
     if hasattr(hl, "LSTM"):
         torch.manual_seed(0)
         base = torch.nn.LSTM(7, 17, num_layers=3, bidirectional=True).to(device)

@@ -111,7 +111,8 @@ def time_cuda(steps, clears, timing, max_seconds=None):
 
     Each implementation is warmed up (at least 3 calls and cuda_warmup seconds); its
     synchronized per-call time sizes the rounds. Each round runs every implementation once
-    between its own pair of events, clear() (grads to None) untimed before each call.
+    between its own pair of events, clear() (grads to None) untimed before each call, each
+    call started on an idle GPU.
     """
     names = list(steps)
     per_call = 0.0
@@ -133,6 +134,10 @@ def time_cuda(steps, clears, timing, max_seconds=None):
         for name in names if r % 2 == 0 else reversed(names):
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             clears[name]()
+            # Each timed call starts on an idle GPU, so that its time includes its own launch
+            # cost: otherwise work still queued by the call before (a CUDA graph replay or a
+            # single persistent launch returns at once) would hide the next one's launches.
+            torch.cuda.synchronize()
             begin.record()
             steps[name]()
             end.record()

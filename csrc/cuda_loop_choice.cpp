@@ -6,8 +6,9 @@
 // persistent loops side by side on a GPU and writes, per measured point, which one won
 // (handlstm_cuda loads it; see load_cuda_crossovers in handlstm_cuda/_ops.py). A call is
 // matched to the nearest measured point of its dtype and direction, in octaves of N and H (T
-// weighs a quarter as much); beyond kMaxOctaves from every point, or on a GPU model the table
-// was not measured on, the generic loop serves it. What this chooses is only a preference: the
+// weighs a quarter as much); among equally near points the persistent loops only if all of
+// them won; beyond kMaxOctaves from every point, or on a GPU model the table was not measured
+// on, the generic loop serves it. What this chooses is only a preference: the
 // persistent hooks still decline calls out of their scope.
 #include <atomic>
 #include <cmath>
@@ -52,10 +53,10 @@ CudaLoopMode cuda_loop_mode() {
 void set_cuda_loop_mode(CudaLoopMode mode) { loop_mode.store(static_cast<int>(mode)); }
 
 void set_cuda_crossovers(std::string device, std::vector<Crossover> points) {
-  for (const Crossover& p : points) {
-    TORCH_CHECK(p.N > 0 && p.H > 0 && p.T > 0,
-                "set_cuda_crossovers: N, H and T of every point must be positive, got N=", p.N,
-                " H=", p.H, " T=", p.T);
+  for (size_t i = 0; i < points.size(); ++i) {
+    const Crossover& p = points[i];
+    TORCH_CHECK(p.N > 0 && p.H > 0 && p.T > 0, "set_cuda_crossovers: point ", i,
+                ": N, H and T must be positive, got N=", p.N, " H=", p.H, " T=", p.T);
   }
   auto next = std::make_shared<Table>(Table{std::move(device), std::move(points)});
   const std::lock_guard<std::mutex> lock(table_mutex);
@@ -68,17 +69,23 @@ bool crossovers_favour_persistent(const std::string& device, at::ScalarType dtyp
                                   int64_t N, int64_t H, int64_t T) {
   const auto t = current_table();
   if (t->device != device || N <= 0 || H <= 0 || T <= 0) return false;
-  const Crossover* best = nullptr;
-  double best_d = kMaxOctaves;
+  // The nearest points (equal within rounding); the persistent loops only if all of them say so.
+  constexpr double kSlack = 1e-9;
+  double best = kMaxOctaves + kSlack;
+  bool any = false, all_win = true;
   for (const Crossover& p : t->points) {
     if (p.dtype != dtype || p.forward != forward) continue;
     const double d = octaves(N, p.N) + octaves(H, p.H) + 0.25 * octaves(T, p.T);
-    if (d <= best_d && (best == nullptr || d < best_d)) {
-      best = &p;
-      best_d = d;
+    if (d < best - kSlack) {  // strictly nearer: a new set of nearest points
+      best = d + kSlack;
+      any = true;
+      all_win = p.persistent_wins;
+    } else if (d <= best) {  // as near as the nearest so far
+      any = true;
+      all_win = all_win && p.persistent_wins;
     }
   }
-  return best != nullptr && best->persistent_wins;
+  return any && all_win;
 }
 
 }  // namespace handlstm

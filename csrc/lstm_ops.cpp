@@ -137,8 +137,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             std::string(handlstm::loop_name(handlstm::last_cuda_loop(true))),
             std::string(handlstm::loop_name(handlstm::last_cuda_loop(false))));
       },
-      "(forward, backward) time loop of the latest CUDA call: 'generic', 'single-block', "
-      "'cooperative', or 'none' before any.");
+      "(forward, backward) time loop of the latest call on the fused CUDA kernels: 'generic', "
+      "'single-block', 'cooperative', or 'none' before any.");
 #ifdef HANDLSTM_WITH_CUDA
   m.def(
       "_cuda_cooperative_probe_ms",

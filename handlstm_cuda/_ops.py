@@ -300,30 +300,40 @@ def load_cuda_crossovers(path):
 
     `forward` entries come from forward-only timings and steer the forward loop; the others,
     from forward+backward timings, steer the backward loop. A call follows the nearest point of
-    its dtype and direction (in octaves of N and H, T a quarter as much); one farther than two
-    octaves from every point, or on another GPU model, takes the generic loop. None clears the
-    table.
+    its dtype and direction (in octaves of N and H, T a quarter as much; among equally near
+    points, the persistent loops only if all of them say so); one farther than two octaves from
+    every point, or on another GPU model, takes the generic loop. None clears the table. A
+    malformed file is a ValueError naming the file, the point and the field, and leaves the
+    table in force unchanged.
     """
     if path is None:
         _ext._C._set_cuda_crossovers("", [])
         return 0
-    with open(path) as f:
-        table = json.load(f)
     where = f"load_cuda_crossovers({str(path)!r})"
-    if not isinstance(table, dict) or not isinstance(table.get("device"), str):
-        raise ValueError(f"{where}: expected an object with a string 'device', got "
+    with open(path) as f:
+        try:
+            table = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: expected a JSON object with 'device' and 'points', got "
                          f"{type(table).__name__}")
+    if not isinstance(table.get("device"), str):
+        raise ValueError(f"{where}: 'device' must be a string (the GPU model's name), got "
+                         f"{table.get('device')!r}")
     points = table.get("points")
     if not isinstance(points, list):
         raise ValueError(f"{where}: 'points' must be a list, got {type(points).__name__}")
     rows = []
     for i, p in enumerate(points):
-        try:
-            dtype, forward, wins = p["dtype"], p["forward"], p["persistent_wins"]
-            N, H, T = p["N"], p["H"], p["T"]  # noqa: N806 -- the shape vocabulary
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"{where}: point {i} lacks {e} (needs dtype, forward, N, H, T, "
-                             "persistent_wins)") from None
+        if not isinstance(p, dict):
+            raise ValueError(f"{where}: point {i} must be an object, got {type(p).__name__}")
+        missing = [k for k in ("dtype", "forward", "N", "H", "T", "persistent_wins")
+                   if k not in p]
+        if missing:
+            raise ValueError(f"{where}: point {i} lacks {', '.join(missing)}")
+        dtype, forward, wins = p["dtype"], p["forward"], p["persistent_wins"]
+        N, H, T = p["N"], p["H"], p["T"]  # noqa: N806 -- the shape vocabulary
         if dtype not in _CROSSOVER_DTYPES:
             raise ValueError(f"{where}: point {i}: dtype must be one of {_CROSSOVER_DTYPES}, "
                              f"got {dtype!r}")
@@ -331,20 +341,28 @@ def load_cuda_crossovers(path):
             raise ValueError(f"{where}: point {i}: forward and persistent_wins must be true or "
                              f"false, got {forward!r}, {wins!r}")
         for name, v in (("N", N), ("H", H), ("T", T)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{where}: point {i}: {name} must be a positive integer, "
-                                 f"got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 2 ** 62:
+                raise ValueError(f"{where}: point {i}: {name} must be a positive integer "
+                                 f"below 2**62, got {v!r}")
         rows.append((dtype, forward, N, H, T, wins))
     _ext._C._set_cuda_crossovers(table["device"], rows)
     return len(rows)
 
 
 def _init_cuda_time_loop():
+    """The shipped crossover table and the environment's mode, read at import. Neither may make
+    the package unusable: a bad table or value is a warning, and the table stays empty."""
     if os.path.exists(_DEFAULT_CROSSOVERS):
-        load_cuda_crossovers(_DEFAULT_CROSSOVERS)
-    mode = os.environ.get("HANDLSTM_CUDA_LOOP")
-    if os.environ.get("HANDLSTM_CUDA_PERSISTENT", "0") == "1":
-        mode = mode or "persistent"
+        try:
+            load_cuda_crossovers(_DEFAULT_CROSSOVERS)
+        except (OSError, ValueError, RuntimeError) as e:
+            warnings.warn(f"handlstm_cuda: the shipped crossover table is unusable, so the "
+                          f"'auto' CUDA time loop is the generic loop everywhere: {e}",
+                          stacklevel=2)
+    # HANDLSTM_CUDA_LOOP wins over the older shorthand HANDLSTM_CUDA_PERSISTENT=1.
+    mode = os.environ.get("HANDLSTM_CUDA_LOOP") or None
+    if mode is None and os.environ.get("HANDLSTM_CUDA_PERSISTENT", "0") == "1":
+        mode = "persistent"
     if mode is not None:
         if mode not in CUDA_TIME_LOOPS:
             warnings.warn(f"handlstm_cuda: HANDLSTM_CUDA_LOOP={mode!r} is not one of "

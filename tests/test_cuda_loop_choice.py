@@ -102,38 +102,82 @@ def test_the_nearest_measured_point_decides(tmp_path, restore):
     assert not choice(GPU, "float32", True, 8, 256, 100)
 
 
-def test_ties_go_to_the_first_point(tmp_path, restore):
+def test_equally_near_points_must_all_say_persistent(tmp_path, restore):
+    choice = _C._cuda_crossover_choice
     hl.load_cuda_crossovers(_write(tmp_path, [_p(4, 256, True), _p(16, 256, False)]))
-    assert _C._cuda_crossover_choice(GPU, "float32", True, 8, 256, 100)
+    assert not choice(GPU, "float32", True, 8, 256, 100)
+    hl.load_cuda_crossovers(_write(tmp_path, [_p(4, 256, True), _p(16, 256, True)]))
+    assert choice(GPU, "float32", True, 8, 256, 100)
+    # Exactly two octaves (5 -> 20) is near enough whatever log2 rounds to; a bit more is not.
+    hl.load_cuda_crossovers(_write(tmp_path, [_p(5, 256, True)]))
+    assert choice(GPU, "float32", True, 20, 256, 100)
+    assert not choice(GPU, "float32", True, 21, 256, 100)
 
 
 @pytest.mark.parametrize("table,message", [
-    ([], "expected an object with a string 'device'"),
+    ([], "expected a JSON object with 'device' and 'points', got list"),
+    ({"device": 5, "points": []}, "'device' must be a string .*, got 5"),
+    ({"device": GPU, "points": [[8, 256]]}, "point 0 must be an object, got list"),
+    ({"device": GPU, "points": [_p(10 ** 20, 256, True)]}, "N must be a positive integer below"),
     ({"device": GPU, "points": {}}, "'points' must be a list"),
-    ({"device": GPU, "points": [{"dtype": "float32"}]}, "point 0 lacks"),
+    ({"device": GPU, "points": [{"dtype": "float32"}]},
+     "point 0 lacks forward, N, H, T, persistent_wins"),
     ({"device": GPU, "points": [_p(8, 256, True, dtype="int8")]}, "dtype must be one of"),
     ({"device": GPU, "points": [dict(_p(8, 256, True), forward=1)]}, "must be true or false"),
-    ({"device": GPU, "points": [_p(0, 256, True)]}, "N must be a positive integer, got 0"),
-    ({"device": GPU, "points": [_p(8, 2.5, True)]}, "H must be a positive integer, got 2.5"),
+    ({"device": GPU, "points": [_p(0, 256, True)]}, "N must be a positive integer .*, got 0"),
+    ({"device": GPU, "points": [_p(8, 2.5, True)]}, "H must be a positive integer .*, got 2.5"),
 ])
 def test_a_malformed_table_is_refused_naming_what_is_wrong(tmp_path, restore, table, message):
+    """Every refusal names the file, the point and the field, and leaves the table in force."""
     hl.load_cuda_crossovers(_write(tmp_path, [_p(8, 256, True)]))
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(table))
     with pytest.raises(ValueError, match=message):
         hl.load_cuda_crossovers(path)
+    with pytest.raises(ValueError, match="bad.json"):
+        hl.load_cuda_crossovers(path)
     # The table in force is untouched by a refused one.
     assert _C._cuda_crossover_choice(GPU, "float32", True, 8, 256, 100)
 
 
+def test_invalid_json_is_refused_naming_the_file(tmp_path, restore):
+    path = tmp_path / "broken.json"
+    path.write_text('{"device": "x", "points": [')
+    with pytest.raises(ValueError, match=r"broken.json.*not valid JSON"):
+        hl.load_cuda_crossovers(path)
+
+
+def test_a_broken_shipped_table_warns_at_import_and_the_package_still_works(tmp_path):
+    """A copy of the package whose shipped table is malformed still imports and runs."""
+    import shutil
+    import subprocess
+
+    pkg = Path(hl.__file__).parent
+    copy = tmp_path / "handlstm_cuda"
+    shutil.copytree(pkg, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "cuda_crossovers.json").write_text("{not json")
+    code = ("import torch, handlstm_cuda as h; print(h.cuda_time_loop(), "
+            "h._ext._C._cuda_crossover_count()); "
+            "x = torch.randn(3, 2, 4); w = torch.randn(8, 4); u = torch.randn(8, 2); "
+            "print(h.lstm(x, None, None, w, u)[0].shape)")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HANDLSTM_CUDA_LOOP", "HANDLSTM_CUDA_PERSISTENT")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["generic", "0", "torch.Size([3,", "2,", "2])"]
+    assert "shipped crossover table is unusable" in proc.stderr
+    assert "not valid JSON" in proc.stderr
+
+
 def test_the_sweep_writes_a_table_the_package_loads(tmp_path, restore):
-    def row(mode, N, speedup, generic, loops=("cooperative", "cooperative")):  # noqa: N803
+    def row(mode, N, vs_generic, loops=("cooperative", "cooperative")):  # noqa: N803
         return dict(dtype="float32", T=100, N=N, I=256, H=256, mode=mode,
                     forward_loop=loops[0], backward_loop=loops[1],
-                    speedup_persistent=speedup, speedup_generic=generic)
+                    persistent_vs_generic=vs_generic)
 
-    rows = [row("infer", 8, 3.0, 1.0), row("fwd+bwd", 8, 1.02, 1.0),   # within the margin
-            row("infer", 64, 0.5, 1.1), row("fwd+bwd", 64, 5.0, 1.0, ("generic", "generic"))]
+    rows = [row("infer", 8, 3.0), row("fwd+bwd", 8, 1.02),   # within the margin
+            row("infer", 64, 0.5), row("fwd+bwd", 64, 5.0, ("generic", "generic"))]
     table = sweep.crossovers({"gpu": GPU, "date": "today", "commit": "abc"}, rows)
     assert [p["persistent_wins"] for p in table["points"]] == [True, False, False, False]
     assert [p["forward"] for p in table["points"]] == [True, False, True, False]

@@ -30,10 +30,10 @@ _C = hl._ext._C
 
 @pytest.fixture
 def persistent():
-    before = hl.cuda_persistent_enabled()
+    before = hl.cuda_time_loop()
     hl.set_cuda_persistent_enabled(True)
     yield
-    hl.set_cuda_persistent_enabled(before)
+    hl.set_cuda_time_loop(before)
 
 
 @pytest.fixture
@@ -66,14 +66,14 @@ def test_switch_is_off_by_default_and_toggles():
 
     if os.environ.get("HANDLSTM_CUDA_PERSISTENT") != "1":
         assert not hl.cuda_persistent_enabled()
-    before = hl.cuda_persistent_enabled()
+    before = hl.cuda_time_loop()
     try:
         hl.set_cuda_persistent_enabled(True)
         assert hl.cuda_persistent_enabled()
         hl.set_cuda_persistent_enabled(False)
         assert not hl.cuda_persistent_enabled()
     finally:
-        hl.set_cuda_persistent_enabled(before)
+        hl.set_cuda_time_loop(before)
 
 
 def _run(args, **kw):
@@ -90,7 +90,7 @@ def _generic_then_persistent(args, expected):
     """(generic loop's results, persistent loops' results) for the same arguments, TF32 off so
     that the generic loop's cuBLAS GEMMs are IEEE float32 too; checks that each call ran the
     loop it was meant to (`expected` for the persistent one)."""
-    before = (hl.cuda_persistent_enabled(), torch.backends.cuda.matmul.allow_tf32)
+    before = (hl.cuda_time_loop(), torch.backends.cuda.matmul.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         hl.set_cuda_persistent_enabled(False)
@@ -100,9 +100,22 @@ def _generic_then_persistent(args, expected):
         ours = _run(args)
         assert _loops() == (expected, expected)
     finally:
-        hl.set_cuda_persistent_enabled(before[0])
+        hl.set_cuda_time_loop(before[0])
         torch.backends.cuda.matmul.allow_tf32 = before[1]
     return generic, ours
+
+
+def _contractive(args):
+    """args with W_hh rescaled to entries of standard deviation 0.5 / sqrt(H) (spectral radius
+    about 0.5). Comparisons of two summation orders need a recurrence that damps rounding
+    differences: at 0.2 per entry and H = 128 (radius about 2.3) a float32 run over 65,536
+    steps drifts by up to 0.67 from a mere change of order, in any implementation."""
+    args = list(args)
+    w_hh = args[4].detach()
+    H = w_hh.shape[1]
+    scaled = w_hh.double() / w_hh.double().std() * (0.5 / H ** 0.5)
+    args[4] = scaled.to(w_hh.dtype).requires_grad_(args[4].requires_grad)
+    return args
 
 
 def _compare(ours, theirs, tol):
@@ -166,7 +179,7 @@ def test_cooperative_matches_the_generic_loop(shape, dtype, tol):
     """As test_matches_the_generic_loop, for the cooperative design; float32 also against the
     float64 reference, within float32's own error at these sizes."""
     T, N, I, H = shape
-    args = make_args(T, N, I, H, 0, dtype=dtype, device="cuda", seed=16, scale=0.2)
+    args = _contractive(make_args(T, N, I, H, 0, dtype=dtype, device="cuda", seed=16, scale=0.2))
     generic, ours = _generic_then_persistent(args, "cooperative")
     _compare(ours, generic, tol)
     if dtype == torch.float32:
@@ -178,7 +191,8 @@ def test_cooperative_matches_the_generic_loop(shape, dtype, tol):
 def test_long_sequence_matches_the_generic_loop(H, expected):
     """T = 65,536 steps in one launch per direction (T is a loop inside the kernels)."""
     T, N, I = 65_536, 2, 4
-    args = make_args(T, N, I, H, 0, dtype=torch.float32, device="cuda", seed=19, scale=0.2)
+    args = _contractive(make_args(T, N, I, H, 0, dtype=torch.float32, device="cuda", seed=19,
+                                  scale=0.2))
     generic, ours = _generic_then_persistent(args, expected)
     _compare(ours, generic, 1e-4)
 
@@ -191,7 +205,7 @@ def test_matches_the_generic_loop(shape, dtype, tol):
     """Same dtype, same rounding points: only the order of the recurrent sums differs. TF32 off
     so that the generic loop's cuBLAS GEMMs are IEEE float32 as well."""
     T, N, I, H = shape
-    args = make_args(T, N, I, H, 0, dtype=dtype, device="cuda", seed=6)
+    args = _contractive(make_args(T, N, I, H, 0, dtype=dtype, device="cuda", seed=6))
     generic, ours = _generic_then_persistent(args, "single-block")
     _compare(ours, generic, tol)
 
@@ -271,14 +285,14 @@ def test_indices_beyond_2_31_elements(N, H, expected):
     w_ih, w_hh, b = r(4 * H, I), r(4 * H, H, scale=0.1), r(4 * H)
     grad_out = r(T, N, H)
     leaves = [t.requires_grad_() for t in (x, h0, c0)]
-    before = hl.cuda_persistent_enabled()
+    before = hl.cuda_time_loop()
     try:
         hl.set_cuda_persistent_enabled(expected != "generic")
         out, h_n, c_n = hl.lstm(*leaves, w_ih, w_hh, b)
         dx, dh0, dc0 = torch.autograd.grad(out, leaves, grad_out)
         assert _loops() == (expected, expected)
     finally:
-        hl.set_cuda_persistent_enabled(before)
+        hl.set_cuda_time_loop(before)
     rows = torch.tensor([0, 1, N - 2, N - 1], device=dev)
     sub = [t.detach()[:, rows] if t.dim() == 3 else t.detach()[rows] for t in (x, h0, c0)]
     sub = [t.double().requires_grad_() for t in sub]

@@ -507,7 +507,7 @@ def test_cuda_graph_replays_training_step_like_eager(loop, H):
         out.backward(grad_out)
         return out
 
-    before = hl.cuda_persistent_enabled()
+    before = hl.cuda_time_loop()
     hl.set_cuda_persistent_enabled(loop != "generic")
     try:
         side = torch.cuda.Stream()
@@ -531,7 +531,7 @@ def test_cuda_graph_replays_training_step_like_eager(loop, H):
             p.grad = None
         eager = [step().detach()] + [p.grad for p in params]
     finally:
-        hl.set_cuda_persistent_enabled(before)
+        hl.set_cuda_time_loop(before)
     # Not bitwise: cuBLAS may pick other kernels under capture (its workspace is per stream).
     for a, e in zip(replayed, eager):
         torch.testing.assert_close(a, e)
