@@ -300,3 +300,38 @@ def test_indices_beyond_2_31_elements(N, H, expected):
     ref_grads = torch.autograd.grad(ref[0], sub, grad_out[:, rows].double())
     ours = [out[:, rows], h_n[rows], c_n[rows], dx[:, rows], dh0[rows], dc0[rows]]
     _compare(ours, list(ref) + list(ref_grads), 3e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_cooperative_indices_beyond_2_31_elements():
+    """The cooperative design over T = 140,000 steps at N = 8, H = 512 in bfloat16: gates and
+    their gradients of 2.3e9 elements each, so the last steps sit beyond 2^31. Those steps must
+    equal the float64 reference run from the state the op reached just before them, forward and
+    backward (grad_output is zero before them, so their input gradients depend on them alone)."""
+    T, N, I, H, tail = 140_000, 8, 1, 512, 64
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(21)
+
+    def r(*shape, scale=0.5):
+        return (torch.randn(*shape, device=dev, generator=g) * scale).to(torch.bfloat16)
+
+    x, h0, c0 = r(T, N, I), r(N, H), r(N, H)
+    w_ih, w_hh, b = r(4 * H, I), r(4 * H, H, scale=0.5 / H ** 0.5), r(4 * H)
+    grad_out = torch.zeros(T, N, H, device=dev, dtype=torch.bfloat16)
+    grad_out[T - tail:] = r(tail, N, H)
+    before = hl.cuda_time_loop()
+    try:
+        hl.set_cuda_persistent_enabled(True)
+        xl = x.clone().requires_grad_()
+        out = hl.lstm(xl, h0, c0, w_ih, w_hh, b)[0]
+        (dx,) = torch.autograd.grad(out, [xl], grad_out)
+        assert _loops() == ("cooperative", "cooperative")
+        with torch.no_grad():
+            _, h, c = hl.lstm(x[:T - tail], h0, c0, w_ih, w_hh, b)
+    finally:
+        hl.set_cuda_time_loop(before)
+    xt = x[T - tail:].double().requires_grad_()
+    ref = reference.lstm(xt, h.double(), c.double(), w_ih.double(), w_hh.double(), b.double())[0]
+    (ref_dx,) = torch.autograd.grad(ref, [xt], grad_out[T - tail:].double())
+    _compare([out[T - tail:], dx[T - tail:]], [ref, ref_dx], 3e-2)
