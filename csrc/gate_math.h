@@ -105,6 +105,25 @@ HANDLSTM_HOST_DEVICE Gates<acc_t> cell_backward(const Gates<acc_t>& a, acc_t c, 
   return dp;
 }
 
+// The four gates of unit j in a gate row laid out as nn.LSTM's: blocks i, f, g, o of `stride`
+// elements (H in a (.., 4H) tensor). store_gates rounds each value to scalar_t and writes it
+// as dst_t: into a tensor (dst_t = scalar_t), or into an acc_t copy that must hold what the
+// tensor holds (the persistent CUDA loops' shared memory).
+template <typename acc_t, typename scalar_t>
+HANDLSTM_HOST_DEVICE Gates<acc_t> load_gates(const scalar_t* row, int64_t stride, int64_t j) {
+  return {acc_t(row[j]), acc_t(row[stride + j]), acc_t(row[2 * stride + j]),
+          acc_t(row[3 * stride + j])};
+}
+
+template <typename scalar_t, typename dst_t, typename acc_t>
+HANDLSTM_HOST_DEVICE void store_gates(dst_t* row, int64_t stride, int64_t j,
+                                      const Gates<acc_t>& a) {
+  row[j] = static_cast<dst_t>(static_cast<scalar_t>(a.i));
+  row[stride + j] = static_cast<dst_t>(static_cast<scalar_t>(a.f));
+  row[2 * stride + j] = static_cast<dst_t>(static_cast<scalar_t>(a.g));
+  row[3 * stride + j] = static_cast<dst_t>(static_cast<scalar_t>(a.o));
+}
+
 // Row `row` of c_{t-1} for one step: rows below n_prev continue the previous step (c_prev,
 // (n_prev, H)); the others start at this step from c0 (N, H). Used by both backends' kernels.
 template <typename scalar_t>

@@ -49,10 +49,7 @@ __global__ void cell_forward_kernel(scalar_t* __restrict__ gates,
     const acc_t cp = c_prev_row(c_prev, c0, row, H, n_prev)[j];
     acc_t cv, mv;
     const auto a = cell_forward<acc_t>(g[j], g[H + j], g[2 * H + j], g[3 * H + j], cp, &cv, &mv);
-    g[j] = a.i;
-    g[H + j] = a.f;
-    g[2 * H + j] = a.g;
-    g[3 * H + j] = a.o;
+    store_gates<scalar_t>(g, H, j, a);
     c[k] = cv;
     m[k] = mv;
   }
@@ -75,18 +72,13 @@ __global__ void cell_backward_kernel(const scalar_t* __restrict__ gates,
        k += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = k / H;
     const int64_t j = k - row * H;
-    const scalar_t* g = gates + row * 4 * H;
-    const Gates<acc_t> a{g[j], g[H + j], g[2 * H + j], g[3 * H + j]};
+    const Gates<acc_t> a = load_gates<acc_t>(gates + row * 4 * H, H, j);
     acc_t dmv = dm[k];
     if (grad_out != nullptr) dmv += acc_t(grad_out[k]);
     acc_t dcp;
     const auto dp = cell_backward<acc_t>(a, c[k], c_prev_row(c_prev, c0, row, H, n_prev)[j], dmv,
                                          dc[k], &dcp);
-    scalar_t* dg = dgates + row * 4 * H;
-    dg[j] = dp.i;
-    dg[H + j] = dp.f;
-    dg[2 * H + j] = dp.g;
-    dg[3 * H + j] = dp.o;
+    store_gates<scalar_t>(dgates + row * 4 * H, H, j, dp);
     dc[k] = dcp;
   }
 }

@@ -55,8 +55,6 @@ namespace {
 
 namespace cg = cooperative_groups;
 using persistent::kThreads;
-using persistent::load_gates;
-using persistent::store_gates;
 using persistent::stored;
 constexpr int kWarps = kThreads / 32;
 

@@ -43,8 +43,6 @@ namespace handlstm {
 namespace {
 
 constexpr int kPersistentThreads = persistent::kThreads;
-using persistent::load_gates;
-using persistent::store_gates;
 using persistent::stored;
 
 // Shared memory of one block: the weight (H x G for the forward, transposed so that the

@@ -24,25 +24,6 @@ __device__ __forceinline__ acc_t stored(acc_t v) {
   return static_cast<acc_t>(static_cast<scalar_t>(v));
 }
 
-// The four gates of unit j in a gate row laid out as nn.LSTM's (i, f, g, o blocks of `stride`).
-// store_gates rounds each value to scalar_t and writes it as dst_t: into a tensor (dst_t =
-// scalar_t), or into a shared-memory copy in acc_t that must hold what the tensor holds.
-template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ Gates<acc_t> load_gates(const scalar_t* row, int64_t stride,
-                                                   int64_t j) {
-  return {acc_t(row[j]), acc_t(row[stride + j]), acc_t(row[2 * stride + j]),
-          acc_t(row[3 * stride + j])};
-}
-
-template <typename scalar_t, typename dst_t, typename acc_t>
-__device__ __forceinline__ void store_gates(dst_t* row, int64_t stride, int64_t j,
-                                            const Gates<acc_t>& a) {
-  row[j] = static_cast<dst_t>(static_cast<scalar_t>(a.i));
-  row[stride + j] = static_cast<dst_t>(static_cast<scalar_t>(a.f));
-  row[2 * stride + j] = static_cast<dst_t>(static_cast<scalar_t>(a.g));
-  row[3 * stride + j] = static_cast<dst_t>(static_cast<scalar_t>(a.o));
-}
-
 // Whether the arguments are of the shape both designs serve: no projection, no packed batch
 // (every row active at every step), something to do.
 inline bool plain_shape(const LoopArgs& a) {

@@ -77,10 +77,7 @@ void forward_rows(const ForwardRows<scalar_t>& p, int64_t begin, int64_t end) {
       acc_t cv, mv;
       const auto a = cell_forward<acc_t>(g[j], g[H + j], g[2 * H + j], g[3 * H + j], cp[j], &cv,
                                          &mv);
-      g[j] = a.i;
-      g[H + j] = a.f;
-      g[2 * H + j] = a.g;
-      g[3 * H + j] = a.o;
+      store_gates<scalar_t>(g, H, j, a);
       c[j] = cv;
       m[j] = mv;
     }
@@ -117,15 +114,12 @@ void backward_rows(const BackwardRows<scalar_t>& p, int64_t begin, int64_t end) 
       }
     }
     for (; j < H; ++j) {
-      const Gates<acc_t> a{g[j], g[H + j], g[2 * H + j], g[3 * H + j]};
+      const Gates<acc_t> a = load_gates<acc_t>(g, H, j);
       acc_t dmv = dm[j];
       if (go) dmv += acc_t(go[j]);
       acc_t dcp;
       const auto dp = cell_backward<acc_t>(a, c[j], cp[j], dmv, dc[j], &dcp);
-      dg[j] = dp.i;
-      dg[H + j] = dp.f;
-      dg[2 * H + j] = dp.g;
-      dg[3 * H + j] = dp.o;
+      store_gates<scalar_t>(dg, H, j, dp);
       dc[j] = dcp;
     }
   }
