@@ -181,17 +181,13 @@ def measure(hl, C, point, rows):
         del steps
         row = dict(dtype=dtype_name, T=T, N=N, I=I, H=H, mode=mode, forward_loop=loops[0],
                    backward_loop=loops[1], err_persistent=err, err_generic=err_generic)
-        for impl in IMPLS:
-            row[f"{impl}_ms"] = stats[impl].median * 1e3
-            row[f"{impl}_us_per_step"] = stats[impl].median * 1e6 / T
-        for impl in ("generic", "persistent") + tuple(g + "+graph" for g in GRAPHED):
-            if impl not in stats:
-                continue
-            # Per-round ratios: plain cuDNN's time over this one's (above 1: this is faster).
+        for impl, st in stats.items():  # IMPLS, and the graphed ones that captured
             key = impl.replace("+", "_")
-            row[f"{key}_ms"] = stats[impl].median * 1e3
-            row[f"speedup_{key}"] = paired_ratio(stats["cudnn"].samples,
-                                                 stats[impl].samples)[0]
+            row[f"{key}_ms"] = st.median * 1e3
+            if impl != "cudnn":
+                # Per-round ratios: plain cuDNN's time over this one's (above 1: this is faster).
+                row[f"speedup_{key}"] = paired_ratio(stats["cudnn"].samples, st.samples)[0]
+        row["persistent_us_per_step"] = stats["persistent"].median * 1e6 / T
         row["persistent_vs_generic"] = paired_ratio(stats["generic"].samples,
                                                     stats["persistent"].samples)[0]
         if loops[0] == "cooperative" and mode == "infer":

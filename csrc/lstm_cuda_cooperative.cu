@@ -364,10 +364,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) sink[blockIdx.x] = pre[0];
 }
 
-// Units per block: about one block per multiprocessor.
-int64_t units_per_block(int64_t H) {
+// The split of the hidden units: U per block (about one block per multiprocessor), and the
+// blocks that takes.
+struct UnitSplit {
+  int64_t U, blocks;
+};
+
+UnitSplit split_units(int64_t H) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return (H + sms - 1) / sms;
+  const int64_t U = (H + sms - 1) / sms;
+  return {U, (H + U - 1) / U};
 }
 
 // Checks that the grid can be co-resident, then launches it cooperatively on the caller's
@@ -442,22 +448,15 @@ bool run_backward(const LoopArgs& a, int64_t U, int64_t blocks) {
 template <bool kForward>
 bool run_cooperative(const LoopArgs& a) {
   if (!persistent::plain_shape(a)) return false;  // (the mode was checked by the caller)
-  const int64_t U = units_per_block(a.H);
-  const int64_t blocks = (a.H + U - 1) / U;
+  const UnitSplit split = split_units(a.H);
   bool ran = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.gates.scalar_type(),
                                   "cooperative_loop", [&] {
-    const auto run = [&](auto rows) {
+    persistent::with_rows_tile(persistent::rows_tile(a.N), [&](auto rows) {
       constexpr int kR = decltype(rows)::value;
-      ran = kForward ? run_forward<scalar_t, kR>(a, U, blocks)
-                     : run_backward<scalar_t, kR>(a, U, blocks);
-    };
-    switch (persistent::rows_tile(a.N)) {
-      case 1: run(std::integral_constant<int, 1>{}); break;
-      case 2: run(std::integral_constant<int, 2>{}); break;
-      case 4: run(std::integral_constant<int, 4>{}); break;
-      default: run(std::integral_constant<int, 8>{}); break;
-    }
+      ran = kForward ? run_forward<scalar_t, kR>(a, split.U, split.blocks)
+                     : run_backward<scalar_t, kR>(a, split.U, split.blocks);
+    });
   });
   return ran;
 }
@@ -476,8 +475,9 @@ struct TimingEvent {
 template <typename scalar_t, int R>
 double probe_ms(int64_t N, int64_t H, int64_t T, bool barrier, bool matvec) {
   using acc_t = at::opmath_type<scalar_t>;
-  int64_t U = units_per_block(H);
-  const int64_t blocks = (H + U - 1) / U;
+  const UnitSplit split = split_units(H);
+  int64_t U = split.U;  // a launch argument, so an lvalue
+  const int64_t blocks = split.blocks;
   const int64_t smem = smem_layout<scalar_t, true>(N, H, U, R).total;
   at::Tensor sink = at::empty(
       {blocks}, at::TensorOptions().device(at::kCUDA, c10::cuda::current_device())
@@ -503,12 +503,9 @@ double cooperative_probe_ms(int64_t N, int64_t H, int64_t T, at::ScalarType dtyp
               N, ", ", H, ", ", T);
   double ms = -1.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cooperative_probe", [&] {
-    switch (persistent::rows_tile(N)) {
-      case 1: ms = probe_ms<scalar_t, 1>(N, H, T, barrier, matvec); break;
-      case 2: ms = probe_ms<scalar_t, 2>(N, H, T, barrier, matvec); break;
-      case 4: ms = probe_ms<scalar_t, 4>(N, H, T, barrier, matvec); break;
-      default: ms = probe_ms<scalar_t, 8>(N, H, T, barrier, matvec); break;
-    }
+    persistent::with_rows_tile(persistent::rows_tile(N), [&](auto rows) {
+      ms = probe_ms<scalar_t, decltype(rows)::value>(N, H, T, barrier, matvec);
+    });
   });
   return ms;
 }

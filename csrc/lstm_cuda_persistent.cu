@@ -252,27 +252,18 @@ bool run_single_block(const LoopArgs& a) {
   if (!persistent_eligible(a, &R, &smem)) return false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.gates.scalar_type(),
                                   "persistent_loop", [&] {
-    const auto launch = [&](auto rows) {
+    persistent::with_rows_tile(R, [&](auto rows) {
       constexpr int kR = decltype(rows)::value;
       if constexpr (kForward) {
         launch_persistent_forward<scalar_t, kR>(a, smem);
       } else {
         launch_persistent_backward<scalar_t, kR>(a, smem);
       }
-    };
-    switch (R) {
-      case 1: launch(std::integral_constant<int, 1>{}); break;
-      case 2: launch(std::integral_constant<int, 2>{}); break;
-      case 4: launch(std::integral_constant<int, 4>{}); break;
-      default: launch(std::integral_constant<int, 8>{}); break;
-    }
+    });
   });
   return true;
 }
 
-// The single-block loop where it serves the call, else the cooperative one (which may decline
-// too, leaving the call to the generic loop); with cooperative_only set, the cooperative loop
-// is tried first. Records which one ran.
 // Whether the loop mode asks for a persistent loop for this call (see CudaLoopMode).
 bool persistent_wanted(const LoopArgs& a, bool forward) {
   switch (cuda_loop_mode()) {
@@ -284,20 +275,24 @@ bool persistent_wanted(const LoopArgs& a, bool forward) {
   }
 }
 
+// When the mode wants a persistent loop: the single-block loop where it serves the call, else
+// the cooperative one (which may decline too, leaving the call to the generic loop); with
+// cooperative_only set, the cooperative loop is tried first. Records which one ran.
 template <bool kForward>
 bool run_persistent(const LoopArgs& a) {
   const auto cooperative = [&] {
     return kForward ? cooperative_forward_loop(a) : cooperative_backward_loop(a);
   };
   CudaLoop ran = CudaLoop::kGeneric;
-  if (!persistent_wanted(a, kForward)) {
-    // the generic loop
-  } else if (cuda_persistent_cooperative_only() && cooperative()) {
-    ran = CudaLoop::kCooperative;
-  } else if (run_single_block<kForward>(a)) {
-    ran = CudaLoop::kSingleBlock;
-  } else if (!cuda_persistent_cooperative_only() && cooperative()) {
-    ran = CudaLoop::kCooperative;
+  if (persistent_wanted(a, kForward)) {
+    const bool first = cuda_persistent_cooperative_only();
+    if (first && cooperative()) {
+      ran = CudaLoop::kCooperative;
+    } else if (run_single_block<kForward>(a)) {
+      ran = CudaLoop::kSingleBlock;
+    } else if (!first && cooperative()) {
+      ran = CudaLoop::kCooperative;
+    }
   }
   record_cuda_loop(kForward, ran);
   return ran != CudaLoop::kGeneric;

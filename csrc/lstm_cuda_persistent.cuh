@@ -7,6 +7,7 @@
 #include <ATen/cuda/CUDAContext.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "gate_math.h"
 #include "lstm.h"
@@ -36,6 +37,18 @@ inline bool plain_shape(const LoopArgs& a) {
 
 // Batch rows held in a thread's accumulators: the next power of two of N, at most 8.
 inline int rows_tile(int64_t N) { return N <= 1 ? 1 : N <= 2 ? 2 : N <= 4 ? 4 : 8; }
+
+// f(std::integral_constant<int, R>{}) for a rows tile R from rows_tile: the kernels take R as a
+// template argument (their per-thread accumulators).
+template <typename F>
+void with_rows_tile(int R, F&& f) {
+  switch (R) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
 
 }  // namespace persistent
 
