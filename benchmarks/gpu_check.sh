@@ -29,7 +29,8 @@
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default
 # 16), GPU_CHECK_BUDGET, BENCH_ARGS (extra arguments for the benchmark, e.g. "--quick"),
 # HANDLSTM_GIT_COMMIT (the commit to write into the results when the tree is a copy without
-# .git, as on a lent machine).
+# .git, as on a lent machine), HANDLSTM_PREBUILT (a folder made by benchmarks/prebuild_device.sh:
+# its extension is used instead of building when it matches this machine's torch and Python).
 
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -110,13 +111,37 @@ sys.exit(0 if h.has_cuda_kernels() else 1)" || return 1
     fi
 }
 
+# The extension: the one benchmarks/prebuild_device.sh made (HANDLSTM_PREBUILT names its folder,
+# carried to this machine) when it was built for this torch and Python and imports with its
+# CUDA kernels here; otherwise a build in place.
+build_ext() {
+    local pre=${HANDLSTM_PREBUILT:-} here
+    if [[ -n $pre ]]; then
+        here=$("$PY" -c "import sys, torch; print(torch.__version__, '%d.%d' % sys.version_info[:2])")
+        if [[ -f $pre/built_for && $(cat "$pre/built_for") == "$here" ]] && ls "$pre"/_C*.so >/dev/null 2>&1; then
+            cp "$pre"/_C*.so handlstm_cuda/
+            if "$PY" -c "import handlstm_cuda as h, sys; sys.exit(not h.has_cuda_kernels())"; then
+                echo "using the prebuilt extension from $pre (built for $here)"
+                return 0
+            fi
+            echo "the prebuilt extension does not import here: building"
+            rm -f handlstm_cuda/_C*.so
+        else
+            echo "the prebuilt extension in $pre was built for '$(cat "$pre/built_for" 2>/dev/null)'," \
+                "this machine has torch/Python '$here': building"
+        fi
+    fi
+    "$PY" setup.py build_ext --inplace
+}
+
 run_tests() {
     # Four workers when pytest-xdist is there (the lent machine's image has it): the CUDA tests
     # are many small launch-bound calls, so they share one GPU well.
     local par=()
     "$PY" -c "import xdist" 2>/dev/null && par=(-n 4)
+    # --durations: the slowest tests, to size this step's cap on the next lease.
     "$PY" -m pytest tests -m cuda -q --maxfail=5 -p no:cacheprovider "${par[@]}" \
-        --junitxml "$OUTDIR/tests.xml"
+        --durations=15 --junitxml "$OUTDIR/tests.xml"
     local rc=$?
     ((rc == 5)) && echo "no test carries the cuda marker: nothing was verified"
     return "$rc"
@@ -165,10 +190,10 @@ bench_persistent() {
 }
 
 export PY OUTDIR DEADLINE
-export -f left env_info built_for_sm90 run_tests sanitize bench bench_persistent
+export -f left env_info build_ext built_for_sm90 run_tests sanitize bench bench_persistent
 
 step env 30 env_info
-if step build 240 "$PY" setup.py build_ext --inplace; then
+if step build 240 build_ext; then
     step kernels 30 built_for_sm90
     step tests 120 run_tests
     step persistent 120 bench_persistent
