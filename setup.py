@@ -94,7 +94,7 @@ def extensions():
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
         sources += ["csrc/lstm_cuda.cu", "csrc/lstm_cuda_persistent.cu",
-                    "csrc/lstm_cuda_cooperative.cu"]
+                    "csrc/lstm_cuda_cooperative.cu", "csrc/lstm_cuda_graph.cpp"]
         nvcc = opt + (["-G"] if debug else []) + ["-DHANDLSTM_WITH_CUDA"]
         extra_inc = nvidia_pip_include_dirs()
         kwargs["include_dirs"] += extra_inc

@@ -195,7 +195,7 @@ export -f left env_info build_ext built_for_sm90 run_tests sanitize bench bench_
 step env 30 env_info
 if step build 240 build_ext; then
     step kernels 30 built_for_sm90
-    step tests 120 run_tests
+    step tests 150 run_tests
     step persistent 120 bench_persistent
     step memcheck 45 sanitize memcheck
     step racecheck 45 sanitize racecheck

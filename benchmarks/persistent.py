@@ -2,15 +2,18 @@
 
     python -m benchmarks.persistent [--quick] [--budget SECONDS] [--out DIR]
 
-For each point (dtype, T, N, H; one layer, I = H except the seed's I = 12) three calls are timed
+For each point (dtype, T, N, H; one layer, I = H except the seed's I = 12) four calls are timed
 interleaved in one run, with CUDA events: torch.nn.LSTM (cuDNN), ours on the generic loop
-(a cuBLAS GEMM and a fused pointwise kernel per step) and ours on the persistent loops
-(whichever design serves the shape: single-block or cooperative; the table names it). Their
-ratios are the measured crossovers a dispatcher between the two loops needs. float32 runs with
+(a cuBLAS GEMM and a fused pointwise kernel per step), ours on the persistent loops
+(whichever design serves the shape: single-block or cooperative; the table names it) and ours
+on the graph loop (the generic loop replayed from a CUDA graph the op captures and caches
+itself). The ratios of the generic and persistent loops are the measured crossovers a
+dispatcher between the two needs. float32 runs with
 TF32 off everywhere (exact float32, as the persistent loops compute).
 
 Two more calls per point: cuDNN and our generic loop, each captured whole (forward and backward)
-in a CUDA graph and replayed, i.e. what graphs save of their per-step launch cost.
+in a CUDA graph by the caller and replayed, i.e. what graphs save of their per-step launch cost
+when the user captures a whole step.
 
 For points the cooperative design serves it also times, at the same grid and shared memory,
 T steps of the grid barrier alone and of the on-chip matvec alone
@@ -44,7 +47,9 @@ from .data import REPO_ROOT
 from .timing import paired_ratio, time_cuda
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-IMPLS = ("cudnn", "generic", "persistent")
+IMPLS = ("cudnn", "generic", "persistent", "graphloop")
+# The time loop each of our implementations runs under.
+LOOP_MODE = {"generic": "generic", "persistent": "persistent", "graphloop": "graph"}
 # Whole calls captured in a CUDA graph and replayed: what graphs save of the per-step launch
 # cost, for cuDNN and for our generic loop (the persistent loops launch once anyway).
 GRAPHED = ("cudnn", "generic")
@@ -99,7 +104,7 @@ class Point:
             return self.base(self.x, (self.h0, self.c0))[0]
         # The switch is set inside the timed call, so the backward that follows runs the loop
         # of this implementation too (the flag is process-wide).
-        self.hl.set_cuda_time_loop("persistent" if impl == "persistent" else "generic")
+        self.hl.set_cuda_time_loop(LOOP_MODE[impl])
         w_ih, w_hh, b_ih, b_hh = self.weights
         return self.hl.lstm(self.x, self.h0[0], self.c0[0], w_ih, w_hh, b_ih + b_hh)[0]
 
@@ -165,6 +170,8 @@ def measure(hl, C, point, rows):
     p = Point(hl, DTYPES[dtype_name], T, N, I, H)
     loops, err = p.check("persistent")
     _, err_generic = p.check("generic")
+    p.check("graphloop")  # the first call of the signatures captures; the second replays
+    graph_loops, err_graphloop = p.check("graphloop")
     for mode in MODES:
         graph_notes = []
         steps = {impl: p.step(impl, mode) for impl in IMPLS}
@@ -180,7 +187,8 @@ def measure(hl, C, point, rows):
         stats = time_cuda(steps, clears, TIMING)
         del steps
         row = dict(dtype=dtype_name, T=T, N=N, I=I, H=H, mode=mode, forward_loop=loops[0],
-                   backward_loop=loops[1], err_persistent=err, err_generic=err_generic)
+                   backward_loop=loops[1], err_persistent=err, err_generic=err_generic,
+                   err_graphloop=err_graphloop)
         for impl, st in stats.items():  # IMPLS, and the graphed ones that captured
             key = impl.replace("+", "_")
             row[f"{key}_ms"] = st.median * 1e3
@@ -193,7 +201,10 @@ def measure(hl, C, point, rows):
         if loops[0] == "cooperative" and mode == "infer":
             row["barrier_us"] = probe_per_step_us(C, N, H, dtype_name, True, False)
             row["matvec_us"] = probe_per_step_us(C, N, H, dtype_name, False, True)
-        row["note"] = "; ".join(f"graph capture failed: {n}" for n in graph_notes)
+        notes = [f"graph capture failed: {n}" for n in graph_notes]
+        if graph_loops != ("graph", "graph"):
+            notes.append(f"the graph loop ran {'/'.join(graph_loops)}, not its replays")
+        row["note"] = "; ".join(notes)
         rows.append(row)
         print(_line(row), flush=True)
 
@@ -245,6 +256,7 @@ def run(args):
                 failed.append(f"{point}: {type(e).__name__}: {str(e).splitlines()[0]}")
                 print(f"FAILED {failed[-1]}", flush=True)
             save()  # after every point, so that a run cut short still leaves its results
+            hl.clear_cuda_graphs()  # the graph loop's cached graphs of this point
             torch.cuda.empty_cache()
     finally:
         hl.set_cuda_time_loop(before)
@@ -256,8 +268,9 @@ def run(args):
 COLUMNS = ("dtype", "T", "N", "I", "H", "mode", "forward_loop", "backward_loop", "cudnn_ms",
            "generic_ms", "persistent_ms", "cudnn_graph_ms", "generic_graph_ms",
            "speedup_generic", "speedup_persistent", "speedup_cudnn_graph",
-           "speedup_generic_graph", "persistent_vs_generic", "persistent_us_per_step",
-           "barrier_us", "matvec_us", "err_generic", "err_persistent", "note")
+           "speedup_generic_graph", "graphloop_ms", "speedup_graphloop", "persistent_vs_generic",
+           "persistent_us_per_step", "barrier_us", "matvec_us", "err_generic", "err_persistent",
+           "err_graphloop", "note")
 
 
 # The persistent loops must beat the generic one by this factor at a point to be chosen there
@@ -301,7 +314,8 @@ def _f(v, spec):
 def _line(r):
     return (f"{r['dtype']:8} T{r['T']:<5} N{r['N']:<3} H{r['H']:<5} {r['mode']:7} "
             f"{r['forward_loop']:>12}/{r['backward_loop']:<12} cuDNN {r['cudnn_ms']:8.3f} ms  "
-            f"x{r['speedup_generic']:5.2f} generic  x{r['speedup_persistent']:5.2f} persistent")
+            f"x{r['speedup_generic']:5.2f} generic  x{r['speedup_persistent']:5.2f} persistent  "
+            f"x{r['speedup_graphloop']:5.2f} graph loop")
 
 
 def targets(rows):
@@ -345,21 +359,24 @@ def markdown(meta, rows):
     out += ["", "Speedups are cuDNN's time over ours, median of per-round ratios (above 1: ours "
             "is faster). generic: cuBLAS GEMM + fused pointwise kernel per step; persistent: "
             "the loop named in the loops column (forward/backward); +graph: the whole call "
-            "captured in a CUDA graph and replayed (speedup still over plain cuDNN). "
+            "captured in a CUDA graph by the caller and replayed (speedup still over plain "
+            "cuDNN); graph loop: our time loop mode 'graph' (the op replays its own cached "
+            "graph of the generic loop). "
             "us/step: the persistent "
             "call's time over T; barrier and matvec: per-step time of the cooperative grid "
             "barrier and of its on-chip matvec alone (infer rows of cooperative points).", ""]
     out.append("| dtype | T | N | H | mode | loops | cuDNN ms | generic x | persistent x | "
-               "persistent/generic x | cuDNN+graph x | generic+graph x | us/step | barrier us | "
-               "matvec us | err |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+               "persistent/generic x | cuDNN+graph x | generic+graph x | graph loop x | "
+               "us/step | barrier us | matvec us | err |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         out.append(
             f"| {r['dtype']} | {r['T']} | {r['N']} | {r['H']} | {r['mode']} | "
             f"{r['forward_loop']}/{r['backward_loop']} | {r['cudnn_ms']:.3f} | "
             f"{r['speedup_generic']:.2f} | {r['speedup_persistent']:.2f} | "
             f"{r['persistent_vs_generic']:.2f} | {_f(r.get('speedup_cudnn_graph'), '.2f')} | "
-            f"{_f(r.get('speedup_generic_graph'), '.2f')} | {r['persistent_us_per_step']:.2f} | "
+            f"{_f(r.get('speedup_generic_graph'), '.2f')} | {r['speedup_graphloop']:.2f} | "
+            f"{r['persistent_us_per_step']:.2f} | "
             f"{_f(r.get('barrier_us'), '.2f')} | {_f(r.get('matvec_us'), '.2f')} | "
             f"{r['err_persistent']:.1e} |")
     out += ["", "## Targets", ""] + [f"- {line}" for line in targets(rows)]

@@ -17,6 +17,7 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <functional>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -135,7 +136,10 @@ void set_cuda_persistent_cooperative_only(bool only);
 //   kAuto        the persistent loops where measured crossovers (set_cuda_crossovers) say they
 //                win for the call's dtype, direction and nearest measured shape on this GPU
 //                model, else the generic loop
-enum class CudaLoopMode : int { kGeneric = 0, kPersistent = 1, kAuto = 2 };
+//   kGraph       the generic loop, captured once per call signature in a CUDA graph and
+//                replayed (run_graphed below); packed calls and calls made while the caller's
+//                stream is capturing run it eagerly
+enum class CudaLoopMode : int { kGeneric = 0, kPersistent = 1, kAuto = 2, kGraph = 3 };
 CudaLoopMode cuda_loop_mode();
 void set_cuda_loop_mode(CudaLoopMode mode);
 
@@ -165,9 +169,25 @@ bool persistent_backward_loop(const LoopArgs& a);
 double cooperative_probe_ms(int64_t N, int64_t H, int64_t T, at::ScalarType dtype, bool barrier,
                             bool matvec);
 
-enum class CudaLoop : int { kNone = 0, kGeneric, kSingleBlock, kCooperative };
+enum class CudaLoop : int { kNone = 0, kGeneric, kSingleBlock, kCooperative, kGraph };
 void record_cuda_loop(bool forward, CudaLoop loop);
 CudaLoop last_cuda_loop(bool forward);
+
+// The graph time loop (lstm_cuda_graph.cpp; CUDA builds only). `run` is one eager call of the
+// op on `inputs` (undefined tensors allowed), returning its outputs. run_graphed serves a call
+// from a CUDA graph of `run` cached for the call's signature: the tensors' definedness, dtypes,
+// devices and sizes, plus `flags` (the op's other arguments). The first call of a signature
+// runs eagerly, then captures the graph; later ones copy the inputs into the graph's own
+// buffers, replay it on the caller's stream and return copies of its outputs. Returns nullopt,
+// leaving the call to the caller, when the caller's stream is capturing (a graph cannot be
+// captured inside another) or a capture of this signature failed before.
+using TensorList = std::vector<at::Tensor>;
+std::optional<TensorList> run_graphed(bool forward, std::vector<int64_t> flags,
+                                      const TensorList& inputs,
+                                      const std::function<TensorList(const TensorList&)>& run);
+// Drops every cached graph and its buffers (after the work already queued on them finishes).
+void clear_cuda_graphs();
+size_t cuda_graph_count();
 
 ForwardResult lstm_forward_impl(const at::Tensor& input, const at::Tensor& h0,
                                 const at::Tensor& c0, const at::Tensor& weight_ih,

@@ -1,8 +1,9 @@
 // CUDA backend: the fused pointwise kernels (cell_forward_kernel / cell_backward_kernel), their
 // launchers, and the backend entries registered for the CUDA dispatch key. GEMMs run in the
 // shared driver through ATen, i.e. cuBLAS with ATen's handle on the caller's current stream.
-// The persistent time loops (lstm_cuda_persistent.cu) replace the per-step loop when enabled
-// and in their scope.
+// The persistent time loops (lstm_cuda_persistent.cu, lstm_cuda_cooperative.cu) replace the
+// per-step loop when enabled and in their scope; in the "graph" mode the entries below hand the
+// whole call to run_graphed (lstm_cuda_graph.cpp), which replays it from a CUDA graph.
 //
 // One thread per (row, hidden unit) element of a step, a grid-stride loop over n * H with
 // 64-bit indices, so no element count or grid dimension limit applies.
@@ -112,6 +113,12 @@ void launch_cell_backward(const CellBackwardArgs& a) {
   });
 }
 
+// Optional tensor arguments in and out of run_graphed's lists.
+at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t ? *t : at::Tensor(); }
+std::optional<at::Tensor> maybe(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
 constexpr CellKernels kCudaKernels{launch_cell_forward, launch_cell_backward,
                                    persistent_forward_loop, persistent_backward_loop};
 
@@ -123,6 +130,19 @@ ForwardResult lstm_forward_cuda(const at::Tensor& input, const at::Tensor& h0,
                                 const std::optional<at::Tensor>& batch_sizes, bool reverse) {
   TORCH_CHECK(input.is_cuda(), "handlstm: the CUDA kernel got input on ", input.device());
   const c10::cuda::CUDAGuard guard(input.device());
+  // (An empty input leaves nothing to capture.)
+  if (cuda_loop_mode() == CudaLoopMode::kGraph && !batch_sizes && input.numel() > 0) {
+    const auto out = run_graphed(
+        /*forward=*/true, {reverse},
+        {input, h0, c0, weight_ih, weight_hh, or_undefined(bias), or_undefined(weight_hr)},
+        [reverse](const TensorList& a) {
+          const auto r = lstm_forward_impl(a[0], a[1], a[2], a[3], a[4], maybe(a[5]),
+                                           maybe(a[6]), std::nullopt, reverse, kCudaKernels);
+          return TensorList{std::get<0>(r), std::get<1>(r), std::get<2>(r),
+                            std::get<3>(r), std::get<4>(r), std::get<5>(r)};
+        });
+    if (out) return {(*out)[0], (*out)[1], (*out)[2], (*out)[3], (*out)[4], (*out)[5]};
+  }
   return lstm_forward_impl(input, h0, c0, weight_ih, weight_hh, bias, weight_hr, batch_sizes,
                            reverse, kCudaKernels);
 }
@@ -136,6 +156,23 @@ BackwardResult lstm_backward_cuda(
     const std::optional<at::Tensor>& batch_sizes, bool reverse, GradMask mask) {
   TORCH_CHECK(input.is_cuda(), "handlstm: the CUDA kernel got input on ", input.device());
   const c10::cuda::CUDAGuard guard(input.device());
+  if (cuda_loop_mode() == CudaLoopMode::kGraph && !batch_sizes && input.numel() > 0) {
+    const auto out = run_graphed(
+        /*forward=*/false, {reverse, mask[0], mask[1], mask[2], mask[3], mask[4]},
+        {or_undefined(grad_output), or_undefined(grad_h_n), or_undefined(grad_c_n), input, h0, c0,
+         weight_ih, weight_hh, or_undefined(weight_hr), output, gates, cells, proj_in},
+        [reverse, mask](const TensorList& a) {
+          const auto r = lstm_backward_impl(maybe(a[0]), maybe(a[1]), maybe(a[2]), a[3], a[4],
+                                            a[5], a[6], a[7], maybe(a[8]), a[9], a[10], a[11],
+                                            a[12], std::nullopt, reverse, mask, kCudaKernels);
+          return TensorList{std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r),
+                            std::get<4>(r), std::get<5>(r), std::get<6>(r)};
+        });
+    if (out) {
+      const auto& o = *out;
+      return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
+    }
+  }
   return lstm_backward_impl(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh,
                             weight_hr, output, gates, cells, proj_in, batch_sizes, reverse, mask,
                             kCudaKernels);

@@ -23,6 +23,7 @@ const char* loop_name(CudaLoop loop) {
     case CudaLoop::kGeneric: return "generic";
     case CudaLoop::kSingleBlock: return "single-block";
     case CudaLoop::kCooperative: return "cooperative";
+    case CudaLoop::kGraph: return "graph";
     default: return "none";
   }
 }
@@ -91,13 +92,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_cpu_pointwise_path", &handlstm::set_cpu_pointwise_path,
         "Use a narrower CPU pointwise path (tests run every path the CPU has).");
   m.def("_cuda_loop_mode", [] { return static_cast<int>(handlstm::cuda_loop_mode()); },
-        "Which time loop CUDA calls take: 0 generic, 1 persistent, 2 auto (by crossovers).");
+        "Which time loop CUDA calls take: 0 generic, 1 persistent, 2 auto (by crossovers), "
+        "3 graph (the generic loop replayed from a CUDA graph).");
   m.def(
       "_set_cuda_loop_mode",
       [](int mode) {
-        TORCH_CHECK(mode >= 0 && mode <= 2,
-                    "_set_cuda_loop_mode: mode must be 0 (generic), 1 (persistent) or 2 (auto), "
-                    "got ", mode);
+        TORCH_CHECK(mode >= 0 && mode <= 3,
+                    "_set_cuda_loop_mode: mode must be 0 (generic), 1 (persistent), 2 (auto) or "
+                    "3 (graph), got ", mode);
         handlstm::set_cuda_loop_mode(static_cast<handlstm::CudaLoopMode>(mode));
       },
       "Set the CUDA time loop mode (see _cuda_loop_mode; no effect in a CPU-only build).");
@@ -138,7 +140,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             std::string(handlstm::loop_name(handlstm::last_cuda_loop(false))));
       },
       "(forward, backward) time loop of the latest call on the fused CUDA kernels: 'generic', "
-      "'single-block', 'cooperative', or 'none' before any.");
+      "'single-block', 'cooperative', 'graph' (replayed from a cached CUDA graph), or 'none' "
+      "before any.");
+  m.def(
+      "_clear_cuda_graphs",
+      [] {
+#ifdef HANDLSTM_WITH_CUDA
+        handlstm::clear_cuda_graphs();
+#endif
+      },
+      "Drop the graph mode's cached CUDA graphs and their buffers.");
+  m.def(
+      "_cuda_graph_count",
+      []() -> size_t {
+#ifdef HANDLSTM_WITH_CUDA
+        return handlstm::cuda_graph_count();
+#else
+        return 0;
+#endif
+      },
+      "How many call signatures the graph mode holds a CUDA graph for.");
 #ifdef HANDLSTM_WITH_CUDA
   m.def(
       "_cuda_cooperative_probe_ms",

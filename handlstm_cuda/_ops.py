@@ -252,11 +252,13 @@ _warned_cuda_fallback = False
 # Which time loop CUDA calls take (csrc/cuda_loop_choice.cpp): "generic" (a cuBLAS GEMM and a
 # fused pointwise kernel per step), "persistent" (one launch for all steps, the recurrent
 # weight in shared memory of one block or split across blocks, wherever the call is in scope:
-# no projection, no packed batch) or "auto" (the persistent loops where measured crossovers say
-# they win). The persistent loops have not run on a GPU either, so the default is "generic";
+# no projection, no packed batch), "auto" (the persistent loops where measured crossovers say
+# they win) or "graph" (the generic loop captured in a CUDA graph once per call signature and
+# replayed, csrc/lstm_cuda_graph.cpp). None of these has run on a GPU either, so the default
+# is "generic";
 # HANDLSTM_CUDA_LOOP (or the shorthand HANDLSTM_CUDA_PERSISTENT=1) is read at import. They only
 # take effect where the fused CUDA kernels run at all (see above).
-CUDA_TIME_LOOPS = ("generic", "persistent", "auto")
+CUDA_TIME_LOOPS = ("generic", "persistent", "auto", "graph")
 
 # Measured crossovers shipped with the package (written by benchmarks/persistent.py on a GPU),
 # read by the "auto" mode; absent until a GPU run has produced them.
@@ -264,16 +266,30 @@ _DEFAULT_CROSSOVERS = os.path.join(os.path.dirname(__file__), "cuda_crossovers.j
 
 
 def cuda_time_loop():
-    """The time loop CUDA calls take: 'generic', 'persistent' or 'auto'."""
+    """The time loop CUDA calls take: 'generic', 'persistent', 'auto' or 'graph'."""
     return CUDA_TIME_LOOPS[_ext._C._cuda_loop_mode()]
 
 
 def set_cuda_time_loop(mode):
     """Choose the CUDA time loop for this process: 'generic', 'persistent' (wherever one of the
-    persistent designs can run) or 'auto' (by the crossover table; see load_cuda_crossovers)."""
+    persistent designs can run), 'auto' (by the crossover table; see load_cuda_crossovers) or
+    'graph'.
+
+    'graph' serves each call from a CUDA graph of the generic loop, captured the first time a
+    call signature (shapes, dtypes, device, which optional tensors are given, the direction)
+    is seen and replayed after that, so the host issues one launch per call instead of a few
+    per step. Each cached graph keeps copies of its call's inputs and outputs (up to 8
+    signatures; clear_cuda_graphs() frees them). Packed sequences, and calls made while the
+    caller's stream is itself being captured, run the generic loop eagerly."""
     if mode not in CUDA_TIME_LOOPS:
         raise ValueError(f"set_cuda_time_loop: mode must be one of {CUDA_TIME_LOOPS}, got {mode!r}")
     _ext._C._set_cuda_loop_mode(CUDA_TIME_LOOPS.index(mode))
+
+
+def clear_cuda_graphs():
+    """Drop the CUDA graphs (and their copies of inputs and outputs) that the 'graph' time loop
+    has cached; the next call of each signature captures again."""
+    _ext._C._clear_cuda_graphs()
 
 
 def cuda_persistent_enabled():

@@ -23,7 +23,8 @@ def _row(dtype="float32", T=100, N=8, I=256, H=256, mode="fwd+bwd", generic=1.2,
                backward_loop=loops[1], cudnn_ms=1.0, generic_ms=1 / generic,
                persistent_ms=1 / speedup, speedup_generic=generic, speedup_persistent=speedup,
                persistent_vs_generic=speedup / generic, persistent_us_per_step=3.0,
-               err_generic=1e-7, err_persistent=2e-7)
+               graphloop_ms=0.5, speedup_graphloop=2.0, err_generic=1e-7, err_persistent=2e-7,
+               err_graphloop=1e-7)
     row.update(extra)
     return row
 

@@ -60,7 +60,8 @@ def test_mode_defaults_to_generic_and_round_trips(restore):
 
 
 def test_a_bad_mode_is_refused_naming_the_choices(restore):
-    with pytest.raises(ValueError, match=r"one of \('generic', 'persistent', 'auto'\), got 'fast'"):
+    choices = r"\('generic', 'persistent', 'auto', 'graph'\)"
+    with pytest.raises(ValueError, match=rf"one of {choices}, got 'fast'"):
         hl.set_cuda_time_loop("fast")
     with pytest.raises(RuntimeError, match="mode must be 0"):
         _C._set_cuda_loop_mode(7)

@@ -486,11 +486,15 @@ def test_export_runs_round_trips_and_trains():
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("loop,H", [("generic", 40), ("single-block", 40), ("cooperative", 300)])
-def test_cuda_graph_replays_training_step_like_eager(loop, H):
+@pytest.mark.parametrize("mode,loop,H", [("generic", "generic", 40),
+                                         ("persistent", "single-block", 40),
+                                         ("persistent", "cooperative", 300),
+                                         ("graph", "generic", 40)])
+def test_cuda_graph_replays_training_step_like_eager(mode, loop, H):
     """A forward + backward captured whole in a torch.cuda.CUDAGraph (no host syncs inside the
     op, scratch from the graph's pool) replays with new input data to the eager results, for
-    each time loop (the persistent ones under their switch)."""
+    each time loop. The graph loop's own graphs cannot nest in the user's capture: under it
+    the op runs the generic loop (captured by the user's graph like any other)."""
     C = hl._ext._C
     T, N, I = 12, 4, 6
     torch.manual_seed(0)
@@ -508,7 +512,7 @@ def test_cuda_graph_replays_training_step_like_eager(loop, H):
         return out
 
     before = hl.cuda_time_loop()
-    hl.set_cuda_persistent_enabled(loop != "generic")
+    hl.set_cuda_time_loop(mode)
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -532,6 +536,7 @@ def test_cuda_graph_replays_training_step_like_eager(loop, H):
         eager = [step().detach()] + [p.grad for p in params]
     finally:
         hl.set_cuda_time_loop(before)
+        hl.clear_cuda_graphs()
     # Not bitwise: cuBLAS may pick other kernels under capture (its workspace is per stream).
     for a, e in zip(replayed, eager):
         torch.testing.assert_close(a, e)

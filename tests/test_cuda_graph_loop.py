@@ -1,0 +1,193 @@
+"""The "graph" CUDA time loop (csrc/lstm_cuda_graph.cpp): the generic loop captured in a CUDA
+graph once per call signature and replayed, against the eager generic loop.
+
+A replay reads the graph's own copies of the inputs and writes its own outputs, so what can go
+wrong is staleness: a replay that computes on the previous call's values, or a returned tensor
+that a later replay overwrites. Every test therefore calls with fresh values several times and
+compares each call with the eager loop on the same values, and checks which loop served the
+call (the first call of a signature runs eagerly and captures; later ones replay).
+Shape vocabulary: T time, N batch, I input, H hidden, G = 4H, P projection size.
+"""
+
+import pytest
+import torch
+
+import handlstm_cuda as hl
+from conftest import make_args
+
+_C = hl._ext._C
+
+
+def test_graph_is_a_time_loop_choice_and_clearing_works_without_a_gpu():
+    """The switch and the cache exist in every build (a CPU-only one included)."""
+    assert "graph" in hl.CUDA_TIME_LOOPS
+    before = hl.cuda_time_loop()
+    try:
+        hl.set_cuda_time_loop("graph")
+        assert hl.cuda_time_loop() == "graph"
+        # CPU tensors are not affected by the CUDA time loop.
+        args = make_args(3, 2, 4, 5, requires_grad=False)
+        torch.testing.assert_close(hl.lstm(*args[:6])[0],
+                                   hl.reference.lstm(*args[:6])[0])
+    finally:
+        hl.set_cuda_time_loop(before)
+    hl.clear_cuda_graphs()
+    assert _C._cuda_graph_count() == 0
+
+
+@pytest.fixture
+def graph_loop():
+    before = (hl.cuda_time_loop(), torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    hl.clear_cuda_graphs()
+    hl.set_cuda_time_loop("graph")
+    yield
+    hl.set_cuda_time_loop(before[0])
+    torch.backends.cuda.matmul.allow_tf32 = before[1]
+    hl.clear_cuda_graphs()
+
+
+def _run(args, loss="all", **kw):
+    """Outputs and the gradients of every tensor argument for a fixed random loss of all
+    outputs, or of h_n alone (then autograd hands the backward no grad_output)."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in args]
+    outs = hl.lstm(*leaves[:6], weight_hr=leaves[6], **kw)
+    used = outs if loss == "all" else outs[1:2]
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in used]
+    grads = torch.autograd.grad(used, [t for t in leaves if t is not None], weights)
+    return [o.detach() for o in outs] + list(grads)
+
+
+def _eager(args, **kw):
+    hl.set_cuda_time_loop("generic")
+    try:
+        return _run(args, **kw)
+    finally:
+        hl.set_cuda_time_loop("graph")
+
+
+CASES = [  # (T, N, I, H, P)
+    (1, 1, 1, 1, 0), (62, 64, 12, 64, 0), (5, 13, 7, 33, 0), (7, 3, 4, 20, 5), (4, 2, 3, 300, 0),
+]
+CASE_IDS = ["T1-N1-H1", "seed", "N13-H33", "proj", "H300"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=["f64", "f32", "bf16"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("T,N,I,H,P", CASES, ids=CASE_IDS)
+def test_replays_equal_the_eager_loop_on_fresh_values(graph_loop, T, N, I, H, P, reverse, dtype):
+    returned = []  # (what each call returned, a copy taken at once)
+    for call in range(3):
+        args = make_args(T, N, I, H, P, dtype=dtype, device="cuda", seed=call)
+        ours = _run(args, reverse=reverse)
+        assert _C._cuda_last_loops() == (("generic",) * 2 if call == 0 else ("graph",) * 2)
+        returned.append((ours, [t.clone() for t in ours]))
+        eager = _eager(args, reverse=reverse)
+        # The same kernels on the same values; cuBLAS may pick another algorithm under
+        # capture (its workspace is per stream), so not bitwise in general.
+        for a, e in zip(ours, eager):
+            torch.testing.assert_close(a, e)
+    # No later replay overwrote what an earlier call returned.
+    for ours, copy in returned:
+        for a, c in zip(ours, copy):
+            assert torch.equal(a, c)
+    assert _C._cuda_graph_count() == 2  # the forward's signature and the backward's
+
+
+@pytest.mark.cuda
+def test_a_backward_without_grad_output_is_its_own_signature(graph_loop):
+    for call in range(3):
+        args = make_args(9, 4, 3, 24, dtype=torch.float64, device="cuda", seed=call)
+        for loss in ("h_n", "all", "h_n"):
+            ours = _run(args, loss=loss)
+            eager = _eager(args, loss=loss)
+            for a, e in zip(ours, eager):
+                torch.testing.assert_close(a, e)
+    assert _C._cuda_graph_count() == 3  # one forward, two backward signatures
+
+
+@pytest.mark.cuda
+def test_gradcheck_through_replays(graph_loop):
+    """gradcheck calls the op many times with perturbed values of one signature: every call
+    after the first is a replay."""
+    args = make_args(4, 2, 3, 5, dtype=torch.float64, device="cuda")
+    assert torch.autograd.gradcheck(lambda *a: hl.lstm(*a), args[:6])
+    assert _C._cuda_last_loops()[0] == "graph"
+
+
+@pytest.mark.cuda
+def test_module_training_steps_match_the_eager_loop(graph_loop):
+    """Three optimizer steps of a two-layer bidirectional module (weights updated in place
+    between replays, so the graph must read them afresh every call)."""
+    def train(mode):
+        hl.set_cuda_time_loop(mode)
+        torch.manual_seed(0)
+        model = hl.LSTM(6, 16, num_layers=2, bidirectional=True, batch_first=True,
+                        dtype=torch.float64, device="cuda")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = []
+        for step in range(3):
+            x = torch.randn(5, 11, 6, dtype=torch.float64, device="cuda")
+            loss = model(x)[0].square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        return losses, [p.detach().clone() for p in model.parameters()]
+
+    eager = train("generic")
+    ours = train("graph")
+    assert _C._cuda_last_loops() == ("graph", "graph")
+    for a, e in zip(ours[0] + ours[1], eager[0] + eager[1]):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.cuda
+def test_packed_sequences_run_the_eager_loop(graph_loop):
+    x = torch.randn(7, 3, 4, dtype=torch.float64, device="cuda")
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, [7, 5, 2])
+    model = hl.LSTM(4, 6, dtype=torch.float64, device="cuda")
+    for _ in range(2):
+        out = model(packed)[0].data
+        out.sum().backward()
+        assert _C._cuda_last_loops() == ("generic", "generic")
+    assert _C._cuda_graph_count() == 0
+    hl.set_cuda_time_loop("generic")
+    torch.testing.assert_close(out, model(packed)[0].data)
+
+
+@pytest.mark.cuda
+def test_calls_from_two_streams_see_their_own_values(graph_loop):
+    """Alternating streams share one cached graph; each use waits for the previous one."""
+    streams = [torch.cuda.current_stream(), torch.cuda.Stream()]
+    outs, expected = [], []
+    for call in range(6):
+        args = make_args(30, 2, 3, 40, dtype=torch.float32, device="cuda", seed=call,
+                         requires_grad=False)
+        s = streams[call % 2]
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            outs.append(hl.lstm(*args[:6])[0])
+        torch.cuda.current_stream().wait_stream(s)
+        hl.set_cuda_time_loop("generic")
+        expected.append(hl.lstm(*args[:6])[0])
+        hl.set_cuda_time_loop("graph")
+    torch.cuda.synchronize()
+    for a, e in zip(outs, expected):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.cuda
+def test_the_cache_is_bounded_and_clear_empties_it(graph_loop):
+    for H in range(1, 12):  # 11 forward signatures, no backward
+        args = make_args(3, 2, 2, H, dtype=torch.float32, device="cuda", requires_grad=False)
+        hl.lstm(*args[:6])
+    assert _C._cuda_graph_count() == 8
+    hl.clear_cuda_graphs()
+    assert _C._cuda_graph_count() == 0
+    args = make_args(3, 2, 2, 5, dtype=torch.float32, device="cuda", requires_grad=False)
+    hl.lstm(*args[:6])
+    assert _C._cuda_last_loops()[0] == "generic"  # captured afresh
