@@ -35,6 +35,15 @@
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 
+# A hash of what the extension is built from (also for benchmarks/prebuild_device.sh).
+sources_hash() {
+    find csrc setup.py -type f | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16
+}
+if [[ ${1:-} == --sources-hash ]]; then
+    sources_hash
+    exit 0
+fi
+
 OUTDIR=${1:-${OUT:-benchmarks/out/gpu-check}}
 mkdir -p "$OUTDIR" || exit 1
 OUTDIR=$(cd "$OUTDIR" && pwd)
@@ -112,12 +121,12 @@ sys.exit(0 if h.has_cuda_kernels() else 1)" || return 1
 }
 
 # The extension: the one benchmarks/prebuild_device.sh made (HANDLSTM_PREBUILT names its folder,
-# carried to this machine) when it was built for this torch and Python and imports with its
-# CUDA kernels here; otherwise a build in place.
+# carried to this machine) when it was built for this torch, Python and sources and imports
+# with its CUDA kernels here; otherwise a build in place.
 build_ext() {
     local pre=${HANDLSTM_PREBUILT:-} here
     if [[ -n $pre ]]; then
-        here=$("$PY" -c "import sys, torch; print(torch.__version__, '%d.%d' % sys.version_info[:2])")
+        here="$("$PY" -c "import sys, torch; print(torch.__version__, '%d.%d' % sys.version_info[:2])") $(sources_hash)"
         if [[ -f $pre/built_for && $(cat "$pre/built_for") == "$here" ]] && ls "$pre"/_C*.so >/dev/null 2>&1; then
             cp "$pre"/_C*.so handlstm_cuda/
             if "$PY" -c "import handlstm_cuda as h, sys; sys.exit(not h.has_cuda_kernels())"; then
@@ -128,7 +137,7 @@ build_ext() {
             rm -f handlstm_cuda/_C*.so
         else
             echo "the prebuilt extension in $pre was built for '$(cat "$pre/built_for" 2>/dev/null)'," \
-                "this machine has torch/Python '$here': building"
+                "this machine and tree have torch, Python, sources '$here': building"
         fi
     fi
     "$PY" setup.py build_ext --inplace
@@ -190,7 +199,7 @@ bench_persistent() {
 }
 
 export PY OUTDIR DEADLINE
-export -f left env_info build_ext built_for_sm90 run_tests sanitize bench bench_persistent
+export -f left sources_hash env_info build_ext built_for_sm90 run_tests sanitize bench bench_persistent
 
 step env 30 env_info
 if step build 240 build_ext; then

@@ -9,11 +9,11 @@
 # about 3 GB the first time), builds the extension in a copy of the tracked tree for sm_90, and
 # leaves in DIR:
 #   _C.cpython-312-x86_64-linux-gnu.so   the extension, stripped of debug info
-#   built_for                            the torch version and Python it was built against
+#   built_for                            the torch version, Python and sources it was built from
 # Then carry DIR to the lent machine and name it:
 #   HANDLSTM_PREBUILT=.device-build bash benchmarks/gpu_check.sh
-# gpu_check.sh uses the prebuilt extension only if that machine's torch and Python match and
-# the extension imports with its CUDA kernels; otherwise it builds as usual.
+# gpu_check.sh uses the prebuilt extension only if that machine's torch, Python and sources
+# match and the extension imports with its CUDA kernels; otherwise it builds as usual.
 #
 # Environment: PYTHON312 (a Python 3.12 interpreter), DEVICE_TORCH (default 2.11.0),
 # DEVICE_VENV (default /tmp/handlstm-device-venv, kept between runs).
@@ -52,9 +52,12 @@ git ls-files -z | xargs -0 tar -cf - | tar -xf - -C "$tree"
 rm -f "$OUTDIR"/_C*.so
 so=$(ls "$tree"/handlstm_cuda/_C*.so)
 strip --strip-debug -o "$OUTDIR/$(basename "$so")" "$so"
-# The torch version (with its local tag) and Python major.minor that gpu_check.sh compares.
-"$VENV/bin/python" -c "import sys, torch; print(torch.__version__, '%d.%d' % sys.version_info[:2])" \
-    >"$OUTDIR/built_for"
+# What gpu_check.sh compares: the torch version (with its local tag), Python major.minor and a
+# hash of the sources (so that an extension built from other sources is never used).
+{
+    "$VENV/bin/python" -c "import sys, torch; print(torch.__version__, '%d.%d' % sys.version_info[:2])"
+    (cd "$tree" && bash benchmarks/gpu_check.sh --sources-hash)
+} | paste -sd' ' >"$OUTDIR/built_for"
 # The stripped copy must import with its CUDA kernels here already (no GPU needed for that).
 cp "$OUTDIR"/_C*.so "$tree/handlstm_cuda/"
 (cd "$tree" && "$VENV/bin/python" -c "import handlstm_cuda as h, sys; sys.exit(not h.has_cuda_kernels())")

@@ -1,15 +1,16 @@
-// Which time loop a CUDA call takes: the mode (generic, persistent, auto) and, for auto, the
-// table of measured crossovers it reads. Host code only, built in CPU-only builds too, so that
+// Which time loop a CUDA call takes: the mode (generic, persistent, auto, graph) and, for auto,
+// the table of measured crossovers it reads. Host code only, built in CPU-only builds too, so that
 // the Python switches and the table's lookup (tested on the CPU) exist everywhere.
 //
-// The table comes from benchmarks/persistent.py, which times our generic loop and our
-// persistent loops side by side on a GPU and writes, per measured point, which one won
-// (handlstm_cuda loads it; see load_cuda_crossovers in handlstm_cuda/_ops.py). A call is
-// matched to the nearest measured point of its dtype and direction, in octaves of N and H (T
-// weighs a quarter as much); among equally near points the persistent loops only if all of
-// them won; beyond kMaxOctaves from every point, or on a GPU model the table was not measured
-// on, the generic loop serves it. What this chooses is only a preference: the
-// persistent hooks still decline calls out of their scope.
+// The table comes from benchmarks/persistent.py, which times our generic, persistent and graph
+// loops side by side on a GPU and writes, per measured point, whether the persistent loops or
+// the graph loop won over the generic one (handlstm_cuda loads it; see load_cuda_crossovers
+// in handlstm_cuda/_ops.py). A call is matched to the nearest measured point of its dtype and
+// direction, in octaves of N and H (T weighs a quarter as much); among equally near points a
+// loop other than the generic one only if all of them chose it; beyond kMaxOctaves from every
+// point, or on a GPU model the table was not measured on, the generic loop serves it. What
+// this chooses is only a preference: the persistent hooks still decline calls out of their
+// scope, and the graph loop packed ones.
 #include <atomic>
 #include <cmath>
 #include <memory>
@@ -57,6 +58,8 @@ void set_cuda_crossovers(std::string device, std::vector<Crossover> points) {
     const Crossover& p = points[i];
     TORCH_CHECK(p.N > 0 && p.H > 0 && p.T > 0, "set_cuda_crossovers: point ", i,
                 ": N, H and T must be positive, got N=", p.N, " H=", p.H, " T=", p.T);
+    TORCH_CHECK(!(p.persistent_wins && p.graph_wins), "set_cuda_crossovers: point ", i,
+                ": persistent_wins and graph_wins cannot both be true");
   }
   auto next = std::make_shared<Table>(Table{std::move(device), std::move(points)});
   const std::lock_guard<std::mutex> lock(table_mutex);
@@ -65,11 +68,14 @@ void set_cuda_crossovers(std::string device, std::vector<Crossover> points) {
 
 size_t cuda_crossover_count() { return current_table()->points.size(); }
 
-bool crossovers_favour_persistent(const std::string& device, at::ScalarType dtype, bool forward,
-                                  int64_t N, int64_t H, int64_t T) {
+namespace {
+
+// Whether the nearest points of (dtype, forward) to (N, H, T) all have `wins` set.
+bool nearest_all(bool Crossover::*wins, const std::string& device, at::ScalarType dtype,
+                 bool forward, int64_t N, int64_t H, int64_t T) {
   const auto t = current_table();
   if (t->device != device || N <= 0 || H <= 0 || T <= 0) return false;
-  // The nearest points (equal within rounding); the persistent loops only if all of them say so.
+  // The nearest points (equal within rounding); `wins` only if all of them say so.
   constexpr double kSlack = 1e-9;
   double best = kMaxOctaves + kSlack;
   bool any = false, all_win = true;
@@ -79,13 +85,25 @@ bool crossovers_favour_persistent(const std::string& device, at::ScalarType dtyp
     if (d < best - kSlack) {  // strictly nearer: a new set of nearest points
       best = d + kSlack;
       any = true;
-      all_win = p.persistent_wins;
+      all_win = p.*wins;
     } else if (d <= best) {  // as near as the nearest so far
       any = true;
-      all_win = all_win && p.persistent_wins;
+      all_win = all_win && p.*wins;
     }
   }
   return any && all_win;
+}
+
+}  // namespace
+
+bool crossovers_favour_persistent(const std::string& device, at::ScalarType dtype, bool forward,
+                                  int64_t N, int64_t H, int64_t T) {
+  return nearest_all(&Crossover::persistent_wins, device, dtype, forward, N, H, T);
+}
+
+bool crossovers_favour_graph(const std::string& device, at::ScalarType dtype, bool forward,
+                             int64_t N, int64_t H, int64_t T) {
+  return nearest_all(&Crossover::graph_wins, device, dtype, forward, N, H, T);
 }
 
 }  // namespace handlstm

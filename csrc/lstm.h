@@ -133,9 +133,9 @@ void set_cuda_persistent_cooperative_only(bool only);
 //   kGeneric     the per-step loop (a cuBLAS GEMM and a fused pointwise kernel per step); the
 //                default, since the persistent loops have not yet run on a GPU
 //   kPersistent  a persistent design wherever one can run
-//   kAuto        the persistent loops where measured crossovers (set_cuda_crossovers) say they
-//                win for the call's dtype, direction and nearest measured shape on this GPU
-//                model, else the generic loop
+//   kAuto        the persistent loops, or the graph loop, where measured crossovers
+//                (set_cuda_crossovers) say it wins for the call's dtype, direction and nearest
+//                measured shape on this GPU model, else the generic loop
 //   kGraph       the generic loop, captured once per call signature in a CUDA graph and
 //                replayed (run_graphed below); packed calls and calls made while the caller's
 //                stream is capturing run it eagerly
@@ -143,19 +143,23 @@ enum class CudaLoopMode : int { kGeneric = 0, kPersistent = 1, kAuto = 2, kGraph
 CudaLoopMode cuda_loop_mode();
 void set_cuda_loop_mode(CudaLoopMode mode);
 
-// One measured point: whether the persistent loops beat the generic one there, for the forward
-// (forward = true: from forward-only timings) or the backward (from forward+backward timings).
+// One measured point: whether the persistent loops or the graph loop beat the generic one
+// there (at most one of the two), for the forward (forward = true: from forward-only timings)
+// or the backward (from forward+backward timings).
 struct Crossover {
   at::ScalarType dtype;
   bool forward;
   int64_t N, H, T;
   bool persistent_wins;
+  bool graph_wins;
 };
 // Replaces the table; `device` is the GPU model it was measured on (cudaDeviceProp::name).
 void set_cuda_crossovers(std::string device, std::vector<Crossover> points);
 size_t cuda_crossover_count();
 bool crossovers_favour_persistent(const std::string& device, at::ScalarType dtype, bool forward,
                                   int64_t N, int64_t H, int64_t T);
+bool crossovers_favour_graph(const std::string& device, at::ScalarType dtype, bool forward,
+                             int64_t N, int64_t H, int64_t T);
 
 bool persistent_forward_loop(const LoopArgs& a);
 bool persistent_backward_loop(const LoopArgs& a);

@@ -113,6 +113,23 @@ void launch_cell_backward(const CellBackwardArgs& a) {
   });
 }
 
+// Whether a call goes to run_graphed: in the graph mode, or in the auto mode where the
+// crossovers say so for its shape (read off input (T, N, I) and c0 (N, H); a call of other
+// ranks is left to the driver, which refuses it by name). Packed calls, and empty ones with
+// nothing to capture, never do.
+bool graph_wanted(bool forward, const at::Tensor& input, const at::Tensor& c0,
+                  const std::optional<at::Tensor>& batch_sizes) {
+  if (batch_sizes || input.dim() != 3 || c0.dim() != 2 || input.numel() == 0) return false;
+  switch (cuda_loop_mode()) {
+    case CudaLoopMode::kGraph: return true;
+    case CudaLoopMode::kAuto:
+      return crossovers_favour_graph(at::cuda::getCurrentDeviceProperties()->name,
+                                     input.scalar_type(), forward, input.size(1), c0.size(1),
+                                     input.size(0));
+    default: return false;
+  }
+}
+
 // Optional tensor arguments in and out of run_graphed's lists.
 at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t ? *t : at::Tensor(); }
 std::optional<at::Tensor> maybe(const at::Tensor& t) {
@@ -130,8 +147,7 @@ ForwardResult lstm_forward_cuda(const at::Tensor& input, const at::Tensor& h0,
                                 const std::optional<at::Tensor>& batch_sizes, bool reverse) {
   TORCH_CHECK(input.is_cuda(), "handlstm: the CUDA kernel got input on ", input.device());
   const c10::cuda::CUDAGuard guard(input.device());
-  // (An empty input leaves nothing to capture.)
-  if (cuda_loop_mode() == CudaLoopMode::kGraph && !batch_sizes && input.numel() > 0) {
+  if (graph_wanted(/*forward=*/true, input, c0, batch_sizes)) {
     const auto out = run_graphed(
         /*forward=*/true, {reverse},
         {input, h0, c0, weight_ih, weight_hh, or_undefined(bias), or_undefined(weight_hr)},
@@ -156,7 +172,7 @@ BackwardResult lstm_backward_cuda(
     const std::optional<at::Tensor>& batch_sizes, bool reverse, GradMask mask) {
   TORCH_CHECK(input.is_cuda(), "handlstm: the CUDA kernel got input on ", input.device());
   const c10::cuda::CUDAGuard guard(input.device());
-  if (cuda_loop_mode() == CudaLoopMode::kGraph && !batch_sizes && input.numel() > 0) {
+  if (graph_wanted(/*forward=*/false, input, c0, batch_sizes)) {
     const auto out = run_graphed(
         /*forward=*/false, {reverse, mask[0], mask[1], mask[2], mask[3], mask[4]},
         {or_undefined(grad_output), or_undefined(grad_h_n), or_undefined(grad_c_n), input, h0, c0,

@@ -106,27 +106,34 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "_set_cuda_crossovers",
       [](std::string device,
-         const std::vector<std::tuple<std::string, bool, int64_t, int64_t, int64_t, bool>>&
-             points) {
+         const std::vector<
+             std::tuple<std::string, bool, int64_t, int64_t, int64_t, bool, bool>>& points) {
         std::vector<handlstm::Crossover> table;
-        for (const auto& [dtype, forward, N, H, T, wins] : points) {
+        for (const auto& [dtype, forward, N, H, T, persistent, graph] : points) {
           table.push_back({scalar_type_named(dtype, "_set_cuda_crossovers"), forward, N, H, T,
-                           wins});
+                           persistent, graph});
         }
         handlstm::set_cuda_crossovers(std::move(device), std::move(table));
       },
       "Replace the crossover table: the GPU model's name and (dtype, forward, N, H, T, "
-      "persistent_wins) per measured point.");
+      "persistent_wins, graph_wins) per measured point.");
   m.def("_cuda_crossover_count", &handlstm::cuda_crossover_count,
         "Points in the crossover table.");
   m.def(
       "_cuda_crossover_choice",
       [](const std::string& device, const std::string& dtype, bool forward, int64_t N, int64_t H,
          int64_t T) {
-        return handlstm::crossovers_favour_persistent(
-            device, scalar_type_named(dtype, "_cuda_crossover_choice"), forward, N, H, T);
+        const at::ScalarType st = scalar_type_named(dtype, "_cuda_crossover_choice");
+        if (handlstm::crossovers_favour_persistent(device, st, forward, N, H, T)) {
+          return std::string("persistent");
+        }
+        if (handlstm::crossovers_favour_graph(device, st, forward, N, H, T)) {
+          return std::string("graph");
+        }
+        return std::string("generic");
       },
-      "Whether the auto mode would take the persistent loops for such a call on that GPU.");
+      "The loop the auto mode would prefer for such a call on that GPU: 'persistent', 'graph' "
+      "or 'generic'.");
   m.def("_cuda_persistent_cooperative_only", &handlstm::cuda_persistent_cooperative_only,
         "Whether the persistent loops try the multi-block cooperative design first.");
   m.def("_set_cuda_persistent_cooperative_only",

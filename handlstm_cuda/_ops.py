@@ -252,8 +252,8 @@ _warned_cuda_fallback = False
 # Which time loop CUDA calls take (csrc/cuda_loop_choice.cpp): "generic" (a cuBLAS GEMM and a
 # fused pointwise kernel per step), "persistent" (one launch for all steps, the recurrent
 # weight in shared memory of one block or split across blocks, wherever the call is in scope:
-# no projection, no packed batch), "auto" (the persistent loops where measured crossovers say
-# they win) or "graph" (the generic loop captured in a CUDA graph once per call signature and
+# no projection, no packed batch), "auto" (the persistent loops or the graph loop where
+# measured crossovers say it wins) or "graph" (the generic loop captured in a CUDA graph once per call signature and
 # replayed, csrc/lstm_cuda_graph.cpp). None of these has run on a GPU either, so the default
 # is "generic";
 # HANDLSTM_CUDA_LOOP (or the shorthand HANDLSTM_CUDA_PERSISTENT=1) is read at import. They only
@@ -272,8 +272,8 @@ def cuda_time_loop():
 
 def set_cuda_time_loop(mode):
     """Choose the CUDA time loop for this process: 'generic', 'persistent' (wherever one of the
-    persistent designs can run), 'auto' (by the crossover table; see load_cuda_crossovers) or
-    'graph'.
+    persistent designs can run), 'auto' (the persistent or the graph loop where the crossover
+    table says it wins, else the generic one; see load_cuda_crossovers) or 'graph'.
 
     'graph' serves each call from a CUDA graph of the generic loop, captured the first time a
     call signature (shapes, dtypes, device, which optional tensors are given, the direction)
@@ -312,13 +312,15 @@ def load_cuda_crossovers(path):
 
         {"device": "NVIDIA H200",            # the GPU model (torch.cuda.get_device_name())
          "points": [{"dtype": "float32", "forward": true, "N": 8, "H": 256, "T": 100,
-                     "persistent_wins": true}, ...]}
+                     "persistent_wins": true, "graph_wins": false}, ...]}
 
     `forward` entries come from forward-only timings and steer the forward loop; the others,
-    from forward+backward timings, steer the backward loop. A call follows the nearest point of
+    from forward+backward timings, steer the backward loop. `persistent_wins` says the
+    persistent loops beat the generic one at that point, `graph_wins` (optional, default false)
+    that the graph loop did; at most one of them is true. A call follows the nearest point of
     its dtype and direction (in octaves of N and H, T a quarter as much; among equally near
-    points, the persistent loops only if all of them say so); one farther than two octaves from
-    every point, or on another GPU model, takes the generic loop. None clears the table. A
+    points, a loop other than the generic one only if all of them chose it); one farther than
+    two octaves from every point, or on another GPU model, takes the generic loop. None clears the table. A
     malformed file is a ValueError naming the file, the point and the field, and leaves the
     table in force unchanged.
     """
@@ -349,18 +351,23 @@ def load_cuda_crossovers(path):
         if missing:
             raise ValueError(f"{where}: point {i} lacks {', '.join(missing)}")
         dtype, forward, wins = p["dtype"], p["forward"], p["persistent_wins"]
+        graph = p.get("graph_wins", False)
         N, H, T = p["N"], p["H"], p["T"]  # noqa: N806 -- the shape vocabulary
         if dtype not in _CROSSOVER_DTYPES:
             raise ValueError(f"{where}: point {i}: dtype must be one of {_CROSSOVER_DTYPES}, "
                              f"got {dtype!r}")
-        if not (isinstance(forward, bool) and isinstance(wins, bool)):
-            raise ValueError(f"{where}: point {i}: forward and persistent_wins must be true or "
-                             f"false, got {forward!r}, {wins!r}")
+        if not (isinstance(forward, bool) and isinstance(wins, bool)
+                and isinstance(graph, bool)):
+            raise ValueError(f"{where}: point {i}: forward, persistent_wins and graph_wins must "
+                             f"be true or false, got {forward!r}, {wins!r}, {graph!r}")
+        if wins and graph:
+            raise ValueError(f"{where}: point {i}: persistent_wins and graph_wins cannot both "
+                             "be true")
         for name, v in (("N", N), ("H", H), ("T", T)):
             if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 2 ** 62:
                 raise ValueError(f"{where}: point {i}: {name} must be a positive integer "
                                  f"below 2**62, got {v!r}")
-        rows.append((dtype, forward, N, H, T, wins))
+        rows.append((dtype, forward, N, H, T, wins, graph))
     _ext._C._set_cuda_crossovers(table["device"], rows)
     return len(rows)
 

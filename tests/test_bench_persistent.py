@@ -52,13 +52,23 @@ def test_targets_seed_and_never_slower_use_the_faster_loop():
     seed = _row(T=62, N=64, I=12, H=64, speedup=1.6, generic=0.7)
     slow = _row(N=64, H=1000, I=1000, speedup=0.5, generic=0.95, mode="infer")
     lines = persistent.targets([seed, slow])
-    assert any(line.startswith("seed fwd+bwd >= 1.5x cuDNN: x1.60: MET") for line in lines)
+    assert any(line.startswith("seed fwd+bwd >= 1.5x cuDNN: x1.60 (persistent loop): MET")
+               for line in lines)
     never = next(line for line in lines if line.startswith("never below"))
     # The faster of the two loops at the slow point is the generic one, at 0.95: met.
     assert "x0.95" in never and never.endswith(": MET")
     slow["speedup_generic"] = 0.8
     never = next(line for line in persistent.targets([seed, slow]) if "never" in line)
     assert never.endswith("NOT MET")
+
+
+def test_the_graph_loop_counts_only_where_its_calls_replayed():
+    seed = _row(T=62, N=64, I=12, H=64, speedup=1.2, generic=0.7, speedup_graphloop=1.8)
+    line = next(x for x in persistent.targets([seed]) if x.startswith("seed"))
+    assert "x1.20 (persistent loop)" in line and line.endswith("NOT MET")
+    seed["graph_replayed"] = True
+    line = next(x for x in persistent.targets([seed]) if x.startswith("seed"))
+    assert "x1.80 (graph loop)" in line and line.endswith(": MET")
 
 
 def test_targets_compare_per_step_time_with_barrier_plus_matvec():

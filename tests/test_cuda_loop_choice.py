@@ -41,8 +41,13 @@ def _write(tmp_path, points, device=GPU):
     return path
 
 
-def _p(N, H, wins, dtype="float32", forward=True, T=100):  # noqa: N803
-    return dict(dtype=dtype, forward=forward, N=N, H=H, T=T, persistent_wins=wins)
+def _p(N, H, wins, dtype="float32", forward=True, T=100, graph=None):  # noqa: N803
+    """A point; wins: the persistent loops won there; graph: the graph loop did (omitted from
+    the point when None, as in tables written before the graph loop existed)."""
+    p = dict(dtype=dtype, forward=forward, N=N, H=H, T=T, persistent_wins=wins)
+    if graph is not None:
+        p["graph_wins"] = graph
+    return p
 
 
 def test_mode_defaults_to_generic_and_round_trips(restore):
@@ -87,32 +92,49 @@ def test_the_nearest_measured_point_decides(tmp_path, restore):
     ]))
     assert n == 5 and _C._cuda_crossover_count() == 5
     choice = _C._cuda_crossover_choice
-    assert choice(GPU, "float32", True, 8, 256, 100)
-    assert choice(GPU, "float32", True, 4, 300, 200)       # nearest: (8, 256)
-    assert not choice(GPU, "float32", True, 48, 256, 100)  # nearest: (64, 256)
-    assert not choice(GPU, "float32", True, 8, 900, 100)   # nearest: (8, 1024)
-    assert not choice(GPU, "float32", False, 8, 256, 100)  # backward point
-    assert not choice(GPU, "bfloat16", True, 8, 256, 100)
-    assert not choice(GPU, "float16", True, 8, 256, 100)   # no float16 point at all
-    assert not choice("Another GPU", "float32", True, 8, 256, 100)
+    assert choice(GPU, "float32", True, 8, 256, 100) == "persistent"
+    assert choice(GPU, "float32", True, 4, 300, 200) == "persistent"  # nearest: (8, 256)
+    assert choice(GPU, "float32", True, 48, 256, 100) == "generic"    # nearest: (64, 256)
+    assert choice(GPU, "float32", True, 8, 900, 100) == "generic"     # nearest: (8, 1024)
+    assert choice(GPU, "float32", False, 8, 256, 100) == "generic"    # backward point
+    assert choice(GPU, "bfloat16", True, 8, 256, 100) == "generic"
+    assert choice(GPU, "float16", True, 8, 256, 100) == "generic"  # no float16 point at all
+    assert choice("Another GPU", "float32", True, 8, 256, 100) == "generic"
     # Two octaves away from every point (4x in N): not guessed, the generic loop.
-    assert choice(GPU, "float32", True, 2, 256, 100)
-    assert not choice(GPU, "float32", True, 1, 256, 100)
+    assert choice(GPU, "float32", True, 2, 256, 100) == "persistent"
+    assert choice(GPU, "float32", True, 1, 256, 100) == "generic"
     hl.load_cuda_crossovers(None)
     assert _C._cuda_crossover_count() == 0
-    assert not choice(GPU, "float32", True, 8, 256, 100)
+    assert choice(GPU, "float32", True, 8, 256, 100) == "generic"
 
 
 def test_equally_near_points_must_all_say_persistent(tmp_path, restore):
     choice = _C._cuda_crossover_choice
     hl.load_cuda_crossovers(_write(tmp_path, [_p(4, 256, True), _p(16, 256, False)]))
-    assert not choice(GPU, "float32", True, 8, 256, 100)
+    assert choice(GPU, "float32", True, 8, 256, 100) == "generic"
     hl.load_cuda_crossovers(_write(tmp_path, [_p(4, 256, True), _p(16, 256, True)]))
-    assert choice(GPU, "float32", True, 8, 256, 100)
+    assert choice(GPU, "float32", True, 8, 256, 100) == "persistent"
     # Exactly two octaves (5 -> 20) is near enough whatever log2 rounds to; a bit more is not.
     hl.load_cuda_crossovers(_write(tmp_path, [_p(5, 256, True)]))
-    assert choice(GPU, "float32", True, 20, 256, 100)
-    assert not choice(GPU, "float32", True, 21, 256, 100)
+    assert choice(GPU, "float32", True, 20, 256, 100) == "persistent"
+    assert choice(GPU, "float32", True, 21, 256, 100) == "generic"
+
+
+def test_graph_points_steer_to_the_graph_loop(tmp_path, restore):
+    choice = _C._cuda_crossover_choice
+    hl.load_cuda_crossovers(_write(tmp_path, [
+        _p(8, 256, True, graph=False), _p(64, 256, False, graph=True), _p(8, 1024, False),
+        _p(64, 256, False, graph=True, forward=False)]))
+    assert choice(GPU, "float32", True, 8, 256, 100) == "persistent"
+    assert choice(GPU, "float32", True, 50, 300, 100) == "graph"     # nearest: (64, 256)
+    assert choice(GPU, "float32", False, 64, 256, 100) == "graph"
+    assert choice(GPU, "float32", True, 8, 1024, 100) == "generic"   # graph_wins omitted
+    assert choice(GPU, "float32", True, 1000, 256, 100) == "generic"  # beyond two octaves
+    assert choice(GPU, "bfloat16", True, 64, 256, 100) == "generic"
+    # Equally near points must all have chosen the graph loop.
+    hl.load_cuda_crossovers(_write(tmp_path, [_p(4, 256, False, graph=True),
+                                              _p(16, 256, True, graph=False)]))
+    assert choice(GPU, "float32", True, 8, 256, 100) == "generic"
 
 
 @pytest.mark.parametrize("table,message", [
@@ -125,6 +147,9 @@ def test_equally_near_points_must_all_say_persistent(tmp_path, restore):
      "point 0 lacks forward, N, H, T, persistent_wins"),
     ({"device": GPU, "points": [_p(8, 256, True, dtype="int8")]}, "dtype must be one of"),
     ({"device": GPU, "points": [dict(_p(8, 256, True), forward=1)]}, "must be true or false"),
+    ({"device": GPU, "points": [_p(8, 256, False, graph="yes")]},
+     "graph_wins must be true or false, got .*'yes'"),
+    ({"device": GPU, "points": [_p(8, 256, True, graph=True)]}, "cannot both be true"),
     ({"device": GPU, "points": [_p(0, 256, True)]}, "N must be a positive integer .*, got 0"),
     ({"device": GPU, "points": [_p(8, 2.5, True)]}, "H must be a positive integer .*, got 2.5"),
 ])
@@ -138,7 +163,7 @@ def test_a_malformed_table_is_refused_naming_what_is_wrong(tmp_path, restore, ta
     with pytest.raises(ValueError, match="bad.json"):
         hl.load_cuda_crossovers(path)
     # The table in force is untouched by a refused one.
-    assert _C._cuda_crossover_choice(GPU, "float32", True, 8, 256, 100)
+    assert _C._cuda_crossover_choice(GPU, "float32", True, 8, 256, 100) == "persistent"
 
 
 def test_invalid_json_is_refused_naming_the_file(tmp_path, restore):
@@ -172,33 +197,52 @@ def test_a_broken_shipped_table_warns_at_import_and_the_package_still_works(tmp_
 
 
 def test_the_sweep_writes_a_table_the_package_loads(tmp_path, restore):
-    def row(mode, N, vs_generic, loops=("cooperative", "cooperative")):  # noqa: N803
+    def row(mode, N, vs_generic, loops=("cooperative", "cooperative"), graph=None,  # noqa: N803
+            replayed=True):
         return dict(dtype="float32", T=100, N=N, I=256, H=256, mode=mode,
                     forward_loop=loops[0], backward_loop=loops[1],
-                    persistent_vs_generic=vs_generic)
+                    persistent_vs_generic=vs_generic,
+                    graphloop_vs_generic=1.0 if graph is None else graph,
+                    graph_replayed=replayed)
 
     rows = [row("infer", 8, 3.0), row("fwd+bwd", 8, 1.02),   # within the margin
-            row("infer", 64, 0.5), row("fwd+bwd", 64, 5.0, ("generic", "generic"))]
+            row("infer", 64, 0.5), row("fwd+bwd", 64, 5.0, ("generic", "generic")),
+            row("infer", 32, 1.5, graph=2.0),                  # both won: the faster one
+            row("fwd+bwd", 32, 2.5, graph=2.0),
+            row("infer", 16, 0.9, graph=3.0, replayed=False),  # its calls did not replay
+            row("fwd+bwd", 16, 5.0, ("generic", "generic"), graph=1.2)]
     table = sweep.crossovers({"gpu": GPU, "date": "today", "commit": "abc"}, rows)
-    assert [p["persistent_wins"] for p in table["points"]] == [True, False, False, False]
-    assert [p["forward"] for p in table["points"]] == [True, False, True, False]
+    assert [p["persistent_wins"] for p in table["points"]] == [True, False, False, False,
+                                                               False, True, False, False]
+    assert [p["graph_wins"] for p in table["points"]] == [False, False, False, False,
+                                                          True, False, False, True]
+    assert [p["forward"] for p in table["points"]] == [True, False, True, False] * 2
     path = tmp_path / "cuda_crossovers.json"
     path.write_text(json.dumps(table))
-    assert hl.load_cuda_crossovers(path) == 4
-    assert _C._cuda_crossover_choice(GPU, "float32", True, 8, 256, 100)
-    assert not _C._cuda_crossover_choice(GPU, "float32", False, 8, 256, 100)
+    assert hl.load_cuda_crossovers(path) == 8
+    assert _C._cuda_crossover_choice(GPU, "float32", True, 8, 256, 100) == "persistent"
+    assert _C._cuda_crossover_choice(GPU, "float32", False, 8, 256, 100) == "generic"
+    assert _C._cuda_crossover_choice(GPU, "float32", True, 32, 256, 100) == "graph"
+    assert _C._cuda_crossover_choice(GPU, "float32", False, 16, 256, 100) == "graph"
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("wins", [True, False], ids=["persistent-wins", "generic-wins"])
-def test_auto_mode_follows_the_table_on_this_gpu(tmp_path, restore, wins):
+@pytest.mark.parametrize("winner,expected", [("persistent", "cooperative"), ("graph", "graph"),
+                                             ("generic", "generic")])
+def test_auto_mode_follows_the_table_on_this_gpu(tmp_path, restore, winner, expected):
     T, N, I, H = 10, 8, 16, 256
+    wins, graph = winner == "persistent", winner == "graph"
     hl.load_cuda_crossovers(_write(tmp_path, [
-        _p(N, H, wins, T=T), _p(N, H, wins, forward=False, T=T)],
+        _p(N, H, wins, T=T, graph=graph), _p(N, H, wins, forward=False, T=T, graph=graph)],
         device=torch.cuda.get_device_name()))
     hl.set_cuda_time_loop("auto")
-    args = [t for t in make_args(T, N, I, H, 0, dtype=torch.float32, device="cuda") if t is not None]
-    out = hl.lstm(*args)[0]
-    out.sum().backward()
-    expected = "cooperative" if wins else "generic"
+    hl.clear_cuda_graphs()
+    try:
+        for _ in range(2):  # the graph loop replays from the second call of a signature on
+            args = [t for t in make_args(T, N, I, H, 0, dtype=torch.float32, device="cuda")
+                    if t is not None]
+            out = hl.lstm(*args)[0]
+            out.sum().backward()
+    finally:
+        hl.clear_cuda_graphs()
     assert _C._cuda_last_loops() == (expected, expected)
