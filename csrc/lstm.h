@@ -180,11 +180,11 @@ CudaLoop last_cuda_loop(bool forward);
 // The graph time loop (lstm_cuda_graph.cpp; CUDA builds only). `run` is one eager call of the
 // op on `inputs` (undefined tensors allowed), returning its outputs. run_graphed serves a call
 // from a CUDA graph of `run` cached for the call's signature: the tensors' definedness, dtypes,
-// devices and sizes, plus `flags` (the op's other arguments). The first call of a signature
-// runs eagerly, then captures the graph; later ones copy the inputs into the graph's own
-// buffers, replay it on the caller's stream and return copies of its outputs. Returns nullopt,
-// leaving the call to the caller, when the caller's stream is capturing (a graph cannot be
-// captured inside another) or a capture of this signature failed before.
+// devices and sizes, `flags` (the op's other arguments) and the cuBLAS settings. The first two
+// calls of a signature run eagerly, the second then captures the graph; later ones copy the
+// inputs into the graph's own buffers, replay it on the caller's stream and return copies of
+// its outputs. Returns nullopt, leaving the call to the caller, when the caller's stream is
+// capturing (a graph cannot be captured inside another) or a capture has failed before.
 using TensorList = std::vector<at::Tensor>;
 std::optional<TensorList> run_graphed(bool forward, std::vector<int64_t> flags,
                                       const TensorList& inputs,
@@ -192,6 +192,7 @@ std::optional<TensorList> run_graphed(bool forward, std::vector<int64_t> flags,
 // Drops every cached graph and its buffers (after the work already queued on them finishes).
 void clear_cuda_graphs();
 size_t cuda_graph_count();
+size_t cuda_graph_capacity();  // signatures kept at most
 
 ForwardResult lstm_forward_impl(const at::Tensor& input, const at::Tensor& h0,
                                 const at::Tensor& c0, const at::Tensor& weight_ih,

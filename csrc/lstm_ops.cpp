@@ -158,15 +158,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "Drop the graph mode's cached CUDA graphs and their buffers.");
   m.def(
-      "_cuda_graph_count",
-      []() -> size_t {
+      "_cuda_graph_cache",
+      []() -> std::pair<size_t, size_t> {
 #ifdef HANDLSTM_WITH_CUDA
-        return handlstm::cuda_graph_count();
+        return {handlstm::cuda_graph_count(), handlstm::cuda_graph_capacity()};
 #else
-        return 0;
+        return {0, 0};
 #endif
       },
-      "How many call signatures the graph mode holds a CUDA graph for.");
+      "(signatures the graph mode holds a CUDA graph for, the most it keeps: past that the "
+      "least recently used is dropped).");
 #ifdef HANDLSTM_WITH_CUDA
   m.def(
       "_cuda_cooperative_probe_ms",

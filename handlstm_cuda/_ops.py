@@ -275,12 +275,15 @@ def set_cuda_time_loop(mode):
     persistent designs can run), 'auto' (the persistent or the graph loop where the crossover
     table says it wins, else the generic one; see load_cuda_crossovers) or 'graph'.
 
-    'graph' serves each call from a CUDA graph of the generic loop, captured the first time a
-    call signature (shapes, dtypes, device, which optional tensors are given, the direction)
-    is seen and replayed after that, so the host issues one launch per call instead of a few
-    per step. Each cached graph keeps copies of its call's inputs and outputs (up to 8
-    signatures; clear_cuda_graphs() frees them). Packed sequences, and calls made while the
-    caller's stream is itself being captured, run the generic loop eagerly."""
+    'graph' serves each call from a CUDA graph of the generic loop, captured the second time a
+    call signature (shapes, dtypes, device, which optional tensors are given, the direction,
+    the cuBLAS settings such as TF32) is seen and replayed after that, so the host issues one
+    launch per call instead of a few per step. Each cached graph keeps copies of its call's
+    inputs and outputs (up to 32 signatures, the least recently used dropped first;
+    clear_cuda_graphs() frees them). Packed sequences, and calls made while the caller's
+    stream is itself being captured, run the generic loop eagerly. Should a capture ever fail,
+    a warning says so and the graph loop runs the generic loop eagerly for the rest of the
+    process."""
     if mode not in CUDA_TIME_LOOPS:
         raise ValueError(f"set_cuda_time_loop: mode must be one of {CUDA_TIME_LOOPS}, got {mode!r}")
     _ext._C._set_cuda_loop_mode(CUDA_TIME_LOOPS.index(mode))
@@ -288,7 +291,8 @@ def set_cuda_time_loop(mode):
 
 def clear_cuda_graphs():
     """Drop the CUDA graphs (and their copies of inputs and outputs) that the 'graph' time loop
-    has cached; the next call of each signature captures again."""
+    has cached, after the work queued on them; each signature is captured again the second
+    time it is next seen."""
     _ext._C._clear_cuda_graphs()
 
 

@@ -5,7 +5,8 @@ A replay reads the graph's own copies of the inputs and writes its own outputs, 
 wrong is staleness: a replay that computes on the previous call's values, or a returned tensor
 that a later replay overwrites. Every test therefore calls with fresh values several times and
 compares each call with the eager loop on the same values, and checks which loop served the
-call (the first call of a signature runs eagerly and captures; later ones replay).
+call: the first two calls of a signature run eagerly (the second also captures), later ones
+replay.
 Shape vocabulary: T time, N batch, I input, H hidden, G = 4H, P projection size.
 """
 
@@ -32,7 +33,7 @@ def test_graph_is_a_time_loop_choice_and_clearing_works_without_a_gpu():
     finally:
         hl.set_cuda_time_loop(before)
     hl.clear_cuda_graphs()
-    assert _C._cuda_graph_count() == 0
+    assert _C._cuda_graph_cache()[0] == 0
 
 
 @pytest.fixture
@@ -80,10 +81,10 @@ CASE_IDS = ["T1-N1-H1", "seed", "N13-H33", "proj", "H300"]
 @pytest.mark.parametrize("T,N,I,H,P", CASES, ids=CASE_IDS)
 def test_replays_equal_the_eager_loop_on_fresh_values(graph_loop, T, N, I, H, P, reverse, dtype):
     returned = []  # (what each call returned, a copy taken at once)
-    for call in range(3):
+    for call in range(4):
         args = make_args(T, N, I, H, P, dtype=dtype, device="cuda", seed=call)
         ours = _run(args, reverse=reverse)
-        assert _C._cuda_last_loops() == (("generic",) * 2 if call == 0 else ("graph",) * 2)
+        assert _C._cuda_last_loops() == (("generic",) * 2 if call < 2 else ("graph",) * 2)
         returned.append((ours, [t.clone() for t in ours]))
         eager = _eager(args, reverse=reverse)
         # The same kernels on the same values; cuBLAS may pick another algorithm under
@@ -94,7 +95,7 @@ def test_replays_equal_the_eager_loop_on_fresh_values(graph_loop, T, N, I, H, P,
     for ours, copy in returned:
         for a, c in zip(ours, copy):
             assert torch.equal(a, c)
-    assert _C._cuda_graph_count() == 2  # the forward's signature and the backward's
+    assert _C._cuda_graph_cache()[0] == 2  # the forward's signature and the backward's
 
 
 @pytest.mark.cuda
@@ -106,7 +107,7 @@ def test_a_backward_without_grad_output_is_its_own_signature(graph_loop):
             eager = _eager(args, loss=loss)
             for a, e in zip(ours, eager):
                 torch.testing.assert_close(a, e)
-    assert _C._cuda_graph_count() == 3  # one forward, two backward signatures
+    assert _C._cuda_graph_cache()[0] == 3  # one forward, two backward signatures
 
 
 @pytest.mark.cuda
@@ -154,40 +155,104 @@ def test_packed_sequences_run_the_eager_loop(graph_loop):
         out = model(packed)[0].data
         out.sum().backward()
         assert _C._cuda_last_loops() == ("generic", "generic")
-    assert _C._cuda_graph_count() == 0
+    assert _C._cuda_graph_cache()[0] == 0
     hl.set_cuda_time_loop("generic")
     torch.testing.assert_close(out, model(packed)[0].data)
 
 
 @pytest.mark.cuda
 def test_calls_from_two_streams_see_their_own_values(graph_loop):
-    """Alternating streams share one cached graph; each use waits for the previous one."""
-    streams = [torch.cuda.current_stream(), torch.cuda.Stream()]
-    outs, expected = [], []
-    for call in range(6):
-        args = make_args(30, 2, 3, 40, dtype=torch.float32, device="cuda", seed=call,
-                         requires_grad=False)
-        s = streams[call % 2]
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            outs.append(hl.lstm(*args[:6])[0])
-        torch.cuda.current_stream().wait_stream(s)
-        hl.set_cuda_time_loop("generic")
-        expected.append(hl.lstm(*args[:6])[0])
-        hl.set_cuda_time_loop("graph")
+    """Back-to-back calls on two streams, with nothing ordering them but the cached graph's own
+    event: each use of its buffers must wait for the previous one, or a call computes on the
+    other's inputs. A long T makes each replay slow enough for the overlap to show."""
+    T, N, I, H = 400, 2, 3, 40
+    args = [make_args(T, N, I, H, dtype=torch.float32, device="cuda", seed=k,
+                      requires_grad=False) for k in range(8)]
+    hl.set_cuda_time_loop("generic")
+    expected = [hl.lstm(*a[:6])[0] for a in args]
+    hl.set_cuda_time_loop("graph")
+    for a in args[:2]:  # capture the signature
+        hl.lstm(*a[:6])
     torch.cuda.synchronize()
-    for a, e in zip(outs, expected):
-        torch.testing.assert_close(a, e)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    outs = []
+    for k, a in enumerate(args):
+        with torch.cuda.stream(streams[k % 2]):
+            outs.append(hl.lstm(*a[:6])[0])
+    assert _C._cuda_last_loops()[0] == "graph"
+    torch.cuda.synchronize()
+    for o, e in zip(outs, expected):
+        torch.testing.assert_close(o, e)
 
 
 @pytest.mark.cuda
-def test_the_cache_is_bounded_and_clear_empties_it(graph_loop):
-    for H in range(1, 12):  # 11 forward signatures, no backward
+def test_a_signature_first_met_under_inference_mode_then_trains(graph_loop):
+    """The graph's buffers are plain tensors even when captured under torch.inference_mode():
+    a later training call copies into them and gets its gradients."""
+    model = hl.LSTM(5, 12, dtype=torch.float64, device="cuda")
+    x = torch.randn(6, 3, 5, dtype=torch.float64, device="cuda")
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+    assert _C._cuda_last_loops()[0] == "graph"
+    for _ in range(3):
+        model.zero_grad()
+        out = model(x)[0]
+        out.square().sum().backward()
+    assert _C._cuda_last_loops()[0] == "graph"
+    grads = [p.grad.clone() for p in model.parameters()]
+    hl.set_cuda_time_loop("generic")
+    model.zero_grad()
+    model(x)[0].square().sum().backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+@pytest.mark.cuda
+def test_a_cached_graph_keeps_no_autograd_history_alive(graph_loop):
+    """The graph's copies of the inputs are detached: the first calls' autograd graphs (and
+    what they saved) are freed with the caller's tensors."""
+    import gc
+    import weakref
+
+    base = torch.randn(4, 2, 3, dtype=torch.float64, device="cuda", requires_grad=True)
+    args = make_args(4, 2, 3, 6, dtype=torch.float64, device="cuda")
+    x = base * 2  # not a leaf: it carries the history of the multiplication
+    for _ in range(2):
+        hl.lstm(x, *args[1:6])[0].sum().backward()
+    alive = weakref.ref(base)
+    del base, x
+    gc.collect()
+    assert alive() is None
+    assert _C._cuda_graph_cache()[0] == 2
+
+
+@pytest.mark.cuda
+def test_changing_tf32_does_not_replay_a_graph_captured_without_it(graph_loop):
+    args = make_args(5, 3, 4, 32, dtype=torch.float32, device="cuda", requires_grad=False)
+    for _ in range(3):
+        hl.lstm(*args[:6])
+    assert _C._cuda_last_loops()[0] == "graph"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    hl.lstm(*args[:6])
+    assert _C._cuda_last_loops()[0] == "generic"  # a new signature, seen once
+
+
+@pytest.mark.cuda
+def test_the_cache_keeps_the_most_recently_used_and_clear_empties_it(graph_loop):
+    capacity = _C._cuda_graph_cache()[1]
+    assert capacity >= 8
+
+    def call(H):  # noqa: N803
         args = make_args(3, 2, 2, H, dtype=torch.float32, device="cuda", requires_grad=False)
         hl.lstm(*args[:6])
-    assert _C._cuda_graph_count() == 8
+        return _C._cuda_last_loops()[0]
+
+    for H in range(1, capacity + 4):  # forward signatures only, each captured on its 2nd call
+        assert [call(H), call(H)] == ["generic", "generic"]
+    assert _C._cuda_graph_cache()[0] == capacity
+    assert call(capacity + 3) == "graph"   # the latest is kept
+    assert call(1) == "generic"            # the oldest were dropped (and are new again)
     hl.clear_cuda_graphs()
-    assert _C._cuda_graph_count() == 0
-    args = make_args(3, 2, 2, 5, dtype=torch.float32, device="cuda", requires_grad=False)
-    hl.lstm(*args[:6])
-    assert _C._cuda_last_loops()[0] == "generic"  # captured afresh
+    assert _C._cuda_graph_cache()[0] == 0
+    assert [call(5), call(5), call(5)] == ["generic", "generic", "graph"]
