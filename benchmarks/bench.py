@@ -126,12 +126,12 @@ def parse_args(argv):
     return args
 
 
-def _split(text, allowed, what):
+def _split(text, allowed, what, scope=""):
     items = [s.strip() for s in text.split(",") if s.strip()]
     bad = [s for s in items if s not in allowed]
     if bad or not items:
         raise SystemExit(
-            f"error: --{what} takes a comma list of {', '.join(allowed)}; got {text!r}"
+            f"error: --{what} takes a comma list of {', '.join(allowed)}{scope}; got {text!r}"
         )
     return items
 
@@ -392,7 +392,8 @@ def main(argv=None):
     args.impl_list = _split(args.impls, impls.IMPLS, "impls")
     cases = list(preset.cases) + (list(preset.cuda_extra) if device.type == "cuda" else [])
     if args.groups:
-        groups = set(_split(args.groups, sorted({c.group for c in cases}), "groups"))
+        groups = set(_split(args.groups, sorted({c.group for c in cases}), "groups",
+                            f" (the groups of the {args.preset} preset on {device.type})"))
         cases = [c for c in cases if c.group in groups]
 
     hl = ref = None

@@ -35,10 +35,22 @@ void check_rank(const char* op, const at::Tensor& t, const char* name, int64_t d
               ", got a ", t.dim(), "-D tensor of shape ", shape_str(t.sizes()));
 }
 
+// Where the symbols' values came from, for shape errors: the mistake may lie there instead (an
+// input of the wrong size shows up as a weight of the wrong size).
+std::string dims_note(const Dims& d, const at::Tensor& input) {
+  std::ostringstream s;
+  s << "T, N, I = " << d.T << ", " << d.N << ", " << d.I << " from input of shape "
+    << shape_str(input.sizes()) << "; H = " << d.H << " from weight_ih's " << d.G
+    << " rows; Hout = " << d.Hout << (d.proj ? " = P from weight_hr's rows" : " = H");
+  return s.str();
+}
+
 void check_shape(const char* op, const at::Tensor& t, const char* name, const char* symbolic,
-                 at::IntArrayRef expected) {
+                 at::IntArrayRef expected, const Dims& d, const at::Tensor& input) {
+  // (TORCH_CHECK builds its message only when the check fails.)
   TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", symbolic, " = ",
-              shape_str(expected), ", got ", shape_str(t.sizes()));
+              shape_str(expected), ", got ", shape_str(t.sizes()), " (", dims_note(d, input),
+              ")");
 }
 
 // Same dtype and device as `input`: the op never casts or moves a tensor behind the caller's
@@ -98,13 +110,13 @@ Dims check_args(const char* op, const at::Tensor& input, const at::Tensor& h0,
   if (d.proj) {
     TORCH_CHECK(weight_hr->size(0) > 0, op, ": weight_hr must have P > 0 rows, got shape ",
                 shape_str(weight_hr->sizes()));
-    check_shape(op, *weight_hr, "weight_hr", "(P, H)", {d.Hout, d.H});
+    check_shape(op, *weight_hr, "weight_hr", "(P, H)", {d.Hout, d.H}, d, input);
   }
-  check_shape(op, weight_ih, "weight_ih", "(4H, I)", {d.G, d.I});
-  check_shape(op, weight_hh, "weight_hh", "(4H, Hout)", {d.G, d.Hout});
-  if (bias) check_shape(op, *bias, "bias", "(4H,)", {d.G});
-  check_shape(op, h0, "h0", "(N, Hout)", {d.N, d.Hout});
-  check_shape(op, c0, "c0", "(N, H)", {d.N, d.H});
+  check_shape(op, weight_ih, "weight_ih", "(4H, I)", {d.G, d.I}, d, input);
+  check_shape(op, weight_hh, "weight_hh", "(4H, Hout)", {d.G, d.Hout}, d, input);
+  if (bias) check_shape(op, *bias, "bias", "(4H,)", {d.G}, d, input);
+  check_shape(op, h0, "h0", "(N, Hout)", {d.N, d.Hout}, d, input);
+  check_shape(op, c0, "c0", "(N, H)", {d.N, d.H}, d, input);
 
   if (batch_sizes) {
     const auto& bs = *batch_sizes;
@@ -397,7 +409,7 @@ BackwardResult lstm_backward_impl(
   for (const auto& a : saved) {
     if (a.t == nullptr) continue;
     check_like_input(op, *a.t, a.name, input_);
-    check_shape(op, *a.t, a.name, a.symbolic, a.shape);
+    check_shape(op, *a.t, a.name, a.symbolic, a.shape, d, input_);
   }
 
   const auto [x, h0, c0, w_ih, w_hh, w_hr] =

@@ -38,8 +38,26 @@ __all__ = ["lstm", "LSTMFunction"]
 _ops = torch.ops.handlstm
 
 
+def _check_like_input(op, input, named):
+    """The kernels' dtype and device checks (csrc/lstm_driver.cpp), for the fake kernels: a
+    meta or fake tensor mixed with tensors of another device is refused, as on real devices,
+    instead of producing outputs on input's device."""
+    for name, t in named:
+        if t is None:
+            continue
+        if t.dtype != input.dtype:
+            raise RuntimeError(f"{op}: {name} must have the dtype of input ({input.dtype}), "
+                               f"got {t.dtype}")
+        if t.device != input.device:
+            raise RuntimeError(f"{op}: {name} must be on input's device ({input.device}), got "
+                               f"{t.device}")
+
+
 @torch.library.register_fake("handlstm::lstm_forward")
 def _lstm_forward_fake(input, h0, c0, weight_ih, weight_hh, bias, weight_hr, batch_sizes, reverse):
+    _check_like_input("handlstm.lstm_forward", input, (
+        ("h0", h0), ("c0", c0), ("weight_ih", weight_ih), ("weight_hh", weight_hh),
+        ("bias", bias), ("weight_hr", weight_hr)))
     T, N, _ = input.shape
     H = weight_ih.shape[0] // 4
     Hout = weight_hr.shape[0] if weight_hr is not None else H
@@ -63,6 +81,11 @@ def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_i
             return input.new_empty((0,))
         return torch.empty_like(like, memory_format=torch.contiguous_format)
 
+    _check_like_input("handlstm.lstm_backward", input, (
+        ("grad_output", grad_output), ("grad_h_n", grad_h_n), ("grad_c_n", grad_c_n),
+        ("h0", h0), ("c0", c0), ("weight_ih", weight_ih), ("weight_hh", weight_hh),
+        ("weight_hr", weight_hr), ("output", output), ("gates", gates), ("cells", cells),
+        ("proj_in", proj_in)))
     want_input, want_w_ih, want_w_hh, want_bias, want_w_hr = output_mask
     return (
         grad(want_input, input),
@@ -422,10 +445,21 @@ def _cuda_fallback_warning():
             "HANDLSTM_CUDA_KERNELS=1 to use the fused CUDA kernels.", stacklevel=3)
 
 
+def _check_tensor_args(named):
+    """TypeError naming the first argument that is neither a tensor nor (where allowed) None:
+    the op itself would only say that some argument has the wrong type."""
+    for name, value, optional in named:
+        if value is None and optional:
+            continue
+        if not isinstance(value, torch.Tensor):
+            kind = "a tensor or None" if optional else "a tensor"
+            raise TypeError(f"lstm: {name} must be {kind}, got {type(value).__name__}")
+
+
 def _zero_states(input, weight_ih, weight_hr, h0, c0):
-    if not isinstance(input, torch.Tensor) or input.dim() != 3:
-        raise ValueError("lstm: input must be a 3-D tensor (T, N, I) when h0 or c0 is None, got "
-                         f"{getattr(input, 'shape', type(input).__name__)}")
+    if input.dim() != 3:
+        raise ValueError(f"lstm: input must be 3-D with shape (T, N, I), got a {input.dim()}-D "
+                         f"tensor of shape {tuple(input.shape)}")
     N, H = input.shape[1], weight_ih.shape[0] // 4
     Hout = weight_hr.shape[0] if weight_hr is not None else H
     if h0 is None:
@@ -462,14 +496,18 @@ def lstm(input, h0, c0, weight_ih, weight_hh, bias=None, *, weight_hr=None, batc
     """
     if not isinstance(reverse, bool):
         raise TypeError(f"lstm: reverse must be a bool, got {type(reverse).__name__}")
+    _check_tensor_args((("input", input, False), ("h0", h0, True), ("c0", c0, True),
+                        ("weight_ih", weight_ih, False), ("weight_hh", weight_hh, False),
+                        ("bias", bias, True), ("weight_hr", weight_hr, True),
+                        ("batch_sizes", batch_sizes, True)))
     if h0 is None or c0 is None:
         h0, c0 = _zero_states(input, weight_ih, weight_hr, h0, c0)
     args = (input, h0, c0, weight_ih, weight_hh, bias, weight_hr)
-    if isinstance(input, torch.Tensor) and _autocast_active(input.device.type):
+    if _autocast_active(input.device.type):
         # Cast here, outside LSTMFunction, so that autograd records the casts and float32
         # leaves get float32 gradients.
         args = _autocast_cast(args, input.device.type)
-    if isinstance(input, torch.Tensor) and input.is_cuda and not _cuda_kernels_enabled:
+    if input.is_cuda and not _cuda_kernels_enabled:
         _cuda_fallback_warning()
         return reference.lstm(*args[:6], weight_hr=args[6], batch_sizes=batch_sizes,
                               reverse=reverse)

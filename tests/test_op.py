@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -359,6 +360,62 @@ def test_bad_batch_sizes(bs, pattern):
     args = make_args(4, 3, 4, 5, requires_grad=False)
     with pytest.raises(RuntimeError, match=pattern):
         hl.lstm(*args[:6], batch_sizes=bs)
+
+
+@pytest.mark.parametrize("entry", ["lstm", "op"])
+def test_a_shape_error_says_where_the_sizes_came_from(entry):
+    """A weight_ih one column short is as likely an input one feature long: the message gives
+    the sizes read off input and weight_ih, and input's shape."""
+    args = list(make_args(6, 3, 4, 7, requires_grad=False))
+    args[3] = torch.randn(28, 5, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=re.escape(
+            "weight_ih must have shape (4H, I) = (28, 4), got (28, 5) (T, N, I = 6, 3, 4 from "
+            "input of shape (6, 3, 4); H = 7 from weight_ih's 28 rows; Hout = 7 = H)")):
+        if entry == "lstm":
+            hl.lstm(*args[:6])
+        else:
+            torch.ops.handlstm.lstm_forward(*args, None, False)
+
+
+@pytest.mark.parametrize("k,name,optional", [(0, "input", False), (1, "h0", True),
+                                             (2, "c0", True), (3, "weight_ih", False),
+                                             (4, "weight_hh", False), (5, "bias", True)])
+@pytest.mark.parametrize("value", [[[1.0]], np.zeros((2, 2)), 3.0],
+                         ids=["list", "ndarray", "float"])
+def test_a_non_tensor_argument_is_a_type_error_naming_it(k, name, optional, value):
+    args = list(make_args(4, 3, 4, 5, requires_grad=False))[:6]
+    args[k] = value
+    kind = "a tensor or None" if optional else "a tensor"
+    with pytest.raises(TypeError, match=re.escape(
+            f"lstm: {name} must be {kind}, got {type(value).__name__}")):
+        hl.lstm(*args)
+
+
+@pytest.mark.parametrize("entry", ["lstm", "op"])
+@pytest.mark.parametrize("meta", ["input", "weights"])
+def test_meta_tensors_mixed_with_cpu_ones_are_an_error(entry, meta):
+    """Meta tensors take the fake kernel, which checks devices as the real kernels do (it once
+    returned meta outputs for a meta input with CPU weights)."""
+    args = list(make_args(4, 3, 4, 5, requires_grad=False))
+    if meta == "input":
+        args[0] = args[0].to("meta")
+        where, other = "meta", "cpu"
+    else:
+        args[3:6] = [t.to("meta") for t in args[3:6]]
+        where, other = "cpu", "meta"
+    with pytest.raises(RuntimeError, match=re.escape(
+            f"must be on input's device ({where}), got {other}")):
+        if entry == "lstm":
+            hl.lstm(*args[:6])
+        else:
+            torch.ops.handlstm.lstm_forward(*args, None, False)
+
+
+def test_meta_tensors_alone_give_meta_results_of_the_right_shapes():
+    args = [t.to("meta") for t in make_args(4, 3, 6, 5, requires_grad=False)[:6]]
+    out, h_n, c_n = hl.lstm(*args)
+    assert (out.device.type, out.shape, h_n.shape, c_n.shape) == (
+        "meta", (4, 3, 5), (3, 5), (3, 5))
 
 
 @pytest.mark.cuda
