@@ -357,7 +357,8 @@ def _progress(total, disable):
         tqdm = None
     if tqdm is None or disable:
         return _NoBar()
-    return tqdm(total=total, unit="pt", file=sys.stderr, dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (a log file, CI).
+    return tqdm(total=total, unit="pt", file=sys.stderr, dynamic_ncols=True, disable=None)
 
 
 class _NoBar:

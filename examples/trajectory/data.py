@@ -175,7 +175,8 @@ def load_folder(
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(files, desc="reading csv", unit="file", leave=False)
+        # disable=None: no bar when stderr is not a terminal.
+        iterator = tqdm(files, desc="reading csv", unit="file", leave=False, disable=None)
     windows = np.stack([read_window_csv(p) for p in iterator])
     file_ids = np.array([_file_id(p) for p in files], dtype=np.int64)
     if len(np.unique(file_ids)) != len(file_ids):

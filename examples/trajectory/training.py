@@ -283,7 +283,8 @@ class Trainer:
             desc=f"[{self.lstm}] epoch {epoch + 1}/{cfg.epochs}",
             unit="batch",
             leave=False,
-            disable=not self.progress,
+            # None: off when stderr is not a terminal (logs, CI), as well as on --quiet.
+            disable=None if self.progress else True,
         )
         model.train()
         t0 = time.perf_counter()
