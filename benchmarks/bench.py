@@ -106,6 +106,12 @@ def parse_args(argv):
     )
     p.add_argument("--groups", help="only these case groups (seed,fastrnns,latency,...)")
     p.add_argument(
+        "--cuda-loop", choices=("generic", "persistent", "auto", "graph"),
+        help="CUDA only: the time loop ours runs (handlstm_cuda.set_cuda_time_loop; default: "
+             "the package's, 'generic' unless HANDLSTM_CUDA_LOOP says otherwise); the "
+             "metadata records it",
+    )
+    p.add_argument(
         "--threads", type=int, default=len(os.sched_getaffinity(0)),
         help="torch CPU threads (default: all cores this process may use)",
     )
@@ -402,6 +408,8 @@ def main(argv=None):
     if "ours" in args.impl_list:
         try:
             hl = impls.load_ours(device)
+            if args.cuda_loop and device.type == "cuda":
+                hl.set_cuda_time_loop(args.cuda_loop)
             # Now, not at the end: a rebuild during the run must not change what is reported.
             ours_desc = env.ours_description(hl)
         except impls.OursUnavailable as e:
