@@ -10,7 +10,9 @@
 // the graph's private memory pool), which every call copies out, so that no returned tensor is
 // overwritten by a later replay. That is a few memory-bound copies against 2T launches saved.
 // A signature is captured the second time it is seen (a shape met once is not worth a
-// capture), and at most kMaxGraphs are kept, least recently used dropped first.
+// capture), and at most kMaxGraphs are kept, holding at most kMaxGraphBytes of copies, least
+// recently used dropped first. A call whose copies alone would exceed kMaxCallBytes is never
+// captured: at that size the GPU, not the host, sets the pace.
 //
 // Streams: each live entry has a capture stream of its own, so that no two graphs share the
 // cuBLAS workspace ATen keeps per (handle, stream); it is warmed up by one eager run before the
@@ -63,6 +65,9 @@ namespace {
 constexpr size_t kMaxGraphs = 32;
 // Signatures seen once and not yet captured are remembered up to this many (then forgotten).
 constexpr size_t kMaxSeenOnce = 1024;
+// Bytes of the cached copies of inputs and outputs, all entries together and per call.
+constexpr int64_t kMaxGraphBytes = int64_t{1} << 30;
+constexpr int64_t kMaxCallBytes = int64_t{256} << 20;
 
 using Key = std::vector<int64_t>;
 
@@ -117,6 +122,7 @@ struct Entry {
 
   StreamLease lease;  // first: given back last, after the graph is gone
   Key key;
+  int64_t bytes = 0;  // of `in` and `out`
   std::unique_ptr<at::cuda::CUDAGraph> graph;
   TensorList in;             // what the graph reads: the caller's inputs are copied here
   TensorList out;            // what the graph writes: copied out on every call
@@ -127,6 +133,7 @@ struct Entry {
 struct Cache {
   std::mutex mutex;
   std::list<std::shared_ptr<Entry>> entries;  // most recently used first
+  int64_t bytes = 0;                          // of all entries' copies
   std::set<Key> seen_once;                    // seen, not yet captured
   bool broken = false;                        // a capture failed: no more captures
 };
@@ -278,6 +285,11 @@ std::optional<TensorList> run_graphed(bool forward, std::vector<int64_t> flags,
   // A miss runs eagerly: the answer (and, the second time, before capturing).
   TensorList out = run(inputs);
   if (!capture_now) return out;
+  int64_t bytes = 0;
+  for (const TensorList* list : {&inputs, static_cast<const TensorList*>(&out)}) {
+    for (const auto& t : *list) bytes += t.defined() ? static_cast<int64_t>(t.nbytes()) : 0;
+  }
+  if (bytes > kMaxCallBytes) return out;
   std::string why;
   std::shared_ptr<Entry> fresh;
   try {
@@ -289,7 +301,8 @@ std::optional<TensorList> run_graphed(bool forward, std::vector<int64_t> flags,
     return out;
   }
   const bool failed = fresh == nullptr;
-  std::shared_ptr<Entry> evicted;
+  if (fresh) fresh->bytes = bytes;
+  std::vector<std::shared_ptr<Entry>> evicted;
   {
     const std::lock_guard<std::mutex> lock(c.mutex);
     if (failed) {
@@ -298,15 +311,17 @@ std::optional<TensorList> run_graphed(bool forward, std::vector<int64_t> flags,
       bool known = false;  // another thread may have captured the same signature meanwhile
       for (const auto& e : c.entries) known = known || e->key == key;
       if (!known) {
+        c.bytes += bytes;
         c.entries.push_front(std::move(fresh));
-        if (c.entries.size() > kMaxGraphs) {
-          evicted = c.entries.back();
+        while (c.entries.size() > kMaxGraphs || c.bytes > kMaxGraphBytes) {
+          c.bytes -= c.entries.back()->bytes;
+          evicted.push_back(std::move(c.entries.back()));
           c.entries.pop_back();
         }
       }
     }
   }
-  evicted.reset();  // outside the lock: this may wait for its queued work
+  evicted.clear();  // outside the lock: this may wait for their queued work
   if (failed) {
     TORCH_WARN("handlstm: capturing the ", forward ? "forward" : "backward",
                " in a CUDA graph failed, so the graph time loop runs the eager generic loop "
@@ -321,6 +336,7 @@ void clear_cuda_graphs() {
     Cache& c = cache();
     const std::lock_guard<std::mutex> lock(c.mutex);
     dropped.swap(c.entries);
+    c.bytes = 0;
     c.seen_once.clear();
   }
   // Destroyed here, outside the lock, each once its queued work is done.

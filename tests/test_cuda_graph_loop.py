@@ -256,3 +256,14 @@ def test_the_cache_keeps_the_most_recently_used_and_clear_empties_it(graph_loop)
     hl.clear_cuda_graphs()
     assert _C._cuda_graph_cache()[0] == 0
     assert [call(5), call(5), call(5)] == ["generic", "generic", "graph"]
+
+
+@pytest.mark.cuda
+def test_a_call_too_large_to_copy_is_never_captured(graph_loop):
+    """Gates alone of T=1000, N=64, H=256 in float32 are 262 MB: past the 256 MiB a call's
+    copies may take, so it stays eager (the GPU sets the pace there, not the host)."""
+    args = make_args(1000, 64, 8, 256, dtype=torch.float32, device="cuda", requires_grad=False)
+    for _ in range(3):
+        hl.lstm(*args[:6])
+        assert _C._cuda_last_loops()[0] == "generic"
+    assert _C._cuda_graph_cache()[0] == 0
