@@ -15,22 +15,26 @@
 // captured: at that size the GPU, not the host, sets the pace.
 //
 // Streams: each live entry has a capture stream of its own, so that no two graphs share the
-// cuBLAS workspace ATen keeps per (handle, stream); it is warmed up by one eager run before the
-// capture, so that workspace and any other lazy state come from ordinary memory, not from the
-// graph's pool. Capture streams are reused by later entries, never destroyed. The copies in,
-// the replay and the copies out are queued on the caller's current stream. A use from another
+// cuBLAS and cuBLASLt workspaces ATen keeps per (handle, stream); they are made before the
+// capture, from ordinary memory rather than the graph's pool. A capture stream has its first
+// caller's priority (graph kernels keep the priority they were captured with; the priority is
+// in the key), and is reused by later entries, never destroyed. The copies in, the replay and
+// the copies out are queued on the caller's current stream. A use from another
 // stream first waits for the previous use (an event), since both would write the same buffers,
 // and an entry is destroyed only once its queued work is done. A call made while the caller's
 // stream is itself being captured (the user's own CUDA graph) is left to the eager loop:
 // captures cannot nest.
 //
-// The key holds what the captured cuBLAS calls depend on besides the tensors: TF32, the
-// float32 matmul precision, reduced-precision reductions and the preferred BLAS backend.
+// The key holds what the captured cuBLAS calls depend on besides the tensors: the float32
+// matmul precision (TF32 or not), reduced-precision reductions and accumulation, the preferred
+// BLAS backend. Under torch.use_deterministic_algorithms(True) calls run eagerly, so that
+// cuBLAS's determinism checks still apply.
 //
 // A capture that fails (nothing in the generic loop should fail to capture, but memory can run
-// out) turns the graph loop off for the process, with one warning: torch's bookkeeping of an
-// unfinished capture cannot be undone in every torch version, so the failed graph object is
-// kept rather than destroyed, and no other capture is attempted.
+// out) is warned about once. If the capture itself ended cleanly, that signature runs eagerly
+// from then on. If ending it failed (an invalidated capture), torch's bookkeeping of it cannot
+// be undone in every torch version: the graph object is kept rather than destroyed, and the
+// graph loop runs eagerly for the rest of the process.
 
 // torch's CUDAEvent.h aligns a member to std::hardware_destructive_interference_size, about
 // which GCC 12+ warns wherever the type is laid out (the value may differ between compilers);
@@ -65,51 +69,71 @@ namespace {
 constexpr size_t kMaxGraphs = 32;
 // Signatures seen once and not yet captured are remembered up to this many (then forgotten).
 constexpr size_t kMaxSeenOnce = 1024;
-// Bytes of the cached copies of inputs and outputs, all entries together and per call.
+// Bytes of the cached copies of inputs and outputs, all entries together and per call. (Not
+// counted: each graph's pool of temporaries, such as the backward's per-step gradients, and a
+// cuBLAS workspace per capture stream; the caps bound the copies, the bulk of it.)
 constexpr int64_t kMaxGraphBytes = int64_t{1} << 30;
 constexpr int64_t kMaxCallBytes = int64_t{256} << 20;
 
 using Key = std::vector<int64_t>;
 
-// Capture streams not in use by a live entry, per device; created on demand, never destroyed.
+// A capture stream: its device and priority (graph kernel nodes keep the priority of the stream
+// they were captured on, so an entry's stream has its first caller's, which is in the key).
+struct StreamKind {
+  c10::DeviceIndex device;
+  int priority;
+  bool operator==(const StreamKind& o) const {
+    return device == o.device && priority == o.priority;
+  }
+};
+
+// Capture streams not in use by a live entry; created on demand, never destroyed.
 std::mutex streams_mutex;
-std::vector<std::pair<c10::DeviceIndex, cudaStream_t>>& free_streams() {
-  static auto* s = new std::vector<std::pair<c10::DeviceIndex, cudaStream_t>>;
+std::vector<std::pair<StreamKind, cudaStream_t>>& free_streams() {
+  static auto* s = new std::vector<std::pair<StreamKind, cudaStream_t>>;
   return *s;
+}
+
+int priority_of(const at::cuda::CUDAStream& s) {
+  int priority = 0;
+  C10_CUDA_CHECK(cudaStreamGetPriority(s.stream(), &priority));
+  return priority;
 }
 
 // A capture stream held by one entry for its lifetime.
 struct StreamLease {
-  explicit StreamLease(c10::DeviceIndex d) : device(d) {
+  explicit StreamLease(StreamKind k) : kind(k) {
     {
       const std::lock_guard<std::mutex> lock(streams_mutex);
       auto& pool = free_streams();
       for (auto it = pool.begin(); it != pool.end(); ++it) {
-        if (it->first == d) {
+        if (it->first == k) {
           raw = it->second;
           pool.erase(it);
           return;
         }
       }
     }
-    const c10::cuda::CUDAGuard guard(d);
-    C10_CUDA_CHECK(cudaStreamCreateWithFlags(&raw, cudaStreamNonBlocking));
+    const c10::cuda::CUDAGuard guard(k.device);
+    C10_CUDA_CHECK(cudaStreamCreateWithPriority(&raw, cudaStreamNonBlocking, k.priority));
   }
   ~StreamLease() {
     const std::lock_guard<std::mutex> lock(streams_mutex);
-    free_streams().emplace_back(device, raw);
+    free_streams().emplace_back(kind, raw);
   }
   StreamLease(const StreamLease&) = delete;
   StreamLease& operator=(const StreamLease&) = delete;
 
-  at::cuda::CUDAStream stream() const { return at::cuda::getStreamFromExternal(raw, device); }
+  at::cuda::CUDAStream stream() const {
+    return at::cuda::getStreamFromExternal(raw, kind.device);
+  }
 
-  c10::DeviceIndex device;
+  StreamKind kind;
   cudaStream_t raw = nullptr;
 };
 
 struct Entry {
-  explicit Entry(c10::DeviceIndex d) : lease(d) {}
+  explicit Entry(StreamKind k) : lease(k) {}
   // Whoever drops the last reference waits for the work queued on the buffers first: a replay
   // from another stream may still be reading them. (Never throws: a destructor.)
   ~Entry() {
@@ -135,7 +159,8 @@ struct Cache {
   std::list<std::shared_ptr<Entry>> entries;  // most recently used first
   int64_t bytes = 0;                          // of all entries' copies
   std::set<Key> seen_once;                    // seen, not yet captured
-  bool broken = false;                        // a capture failed: no more captures
+  std::set<Key> failed;                       // captures failed cleanly: served eagerly
+  bool broken = false;                        // a capture failed uncleanly: no more captures
 };
 
 // Never destroyed: graphs and their pools must not be torn down after the CUDA runtime and the
@@ -145,13 +170,19 @@ Cache& cache() {
   return *c;
 }
 
-Key signature(bool forward, const std::vector<int64_t>& flags, const TensorList& inputs) {
+Key signature(bool forward, const std::vector<int64_t>& flags, const TensorList& inputs,
+              int priority) {
   auto& ctx = at::globalContext();
+  // What cuBLAS reads: the float32 matmul precision (TF32 or not; the legacy getters throw
+  // once the new fp32_precision API has been used, while this one reflects both), the
+  // reduced-precision reductions and accumulation, the backend.
   Key k{forward,
-        ctx.allowTF32CuBLAS(),
-        static_cast<int64_t>(ctx.float32MatmulPrecision()),
+        priority,
+        static_cast<int64_t>(ctx.float32Precision(at::Float32Backend::CUDA,
+                                                  at::Float32Op::MATMUL)),
         static_cast<int64_t>(ctx.allowFP16ReductionCuBLAS()),
         static_cast<int64_t>(ctx.allowBF16ReductionCuBLAS()),
+        ctx.allowFP16AccumulationCuBLAS(),
         static_cast<int64_t>(ctx.blasPreferredBackend()),
         static_cast<int64_t>(flags.size())};
   k.insert(k.end(), flags.begin(), flags.end());
@@ -172,14 +203,14 @@ Key signature(bool forward, const std::vector<int64_t>& flags, const TensorList&
 // An error's message without the C++ backtrace that may follow it.
 std::string first_line(const std::string& what) { return what.substr(0, what.find('\n')); }
 
-// Captures `run` on copies of `inputs`. Returns nullptr and sets `why` when the capture failed;
-// throws only before the capture began (e.g. out of memory for the copies).
-std::shared_ptr<Entry> capture(Key key, const TensorList& inputs,
-                               const std::function<TensorList(const TensorList&)>& run,
-                               std::string& why) {
+// How a capture ended.
+enum class Captured { kOk, kFailedCleanly, kFailedUncleanly };
+
+// Captures `run` on copies of `inputs` into `e`, setting `why` when it failed. Throws only
+// before the capture began (e.g. out of memory for the copies).
+Captured capture(const std::shared_ptr<Entry>& e, const TensorList& inputs,
+                 const std::function<TensorList(const TensorList&)>& run, std::string& why) {
   const auto caller = at::cuda::getCurrentCUDAStream();
-  auto e = std::make_shared<Entry>(caller.device_index());
-  e->key = std::move(key);
   {
     // The buffers are plain tensors, outside any autograd graph, even when the call came
     // under torch.inference_mode() (later calls outside it copy into them). InferenceMode(false)
@@ -192,42 +223,38 @@ std::shared_ptr<Entry> capture(Key key, const TensorList& inputs,
                                   : at::Tensor());
     }
   }
+  // A first replay from another stream must wait for the copies.
+  e->done.record(caller);
   const auto side = e->lease.stream();
-  at::cuda::CUDAEvent copied;
-  copied.record(caller);
-  copied.block(side);
   const c10::cuda::CUDAStreamGuard on_side(side);
-  // Warm-up: cuBLAS's workspace for this stream, and anything else made on first use, from
-  // ordinary memory rather than the graph's pool.
-  run(e->in);
-  // A first replay from another stream must wait for the copies and the warm-up.
-  e->done.record(side);
+  // cuBLAS's and cuBLASLt's workspaces for this stream (ATen keeps one per handle and stream),
+  // made now from ordinary memory rather than inside the capture from the graph's pool.
+  (void)at::cuda::getCurrentCUDABlasHandle();
+  (void)at::cuda::getCUDABlasLtWorkspace();
   e->graph = std::make_unique<at::cuda::CUDAGraph>();
-  bool began = false, ok = false;
+  bool began = false, ran = false, ended = false;
   try {
     // Thread-local: other threads may go on using CUDA meanwhile.
     e->graph->capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
     began = true;
-    e->out = run(e->in);
-    ok = true;
+    e->out = run(e->in);  // e.g. out of memory: the capture itself stays valid
+    ran = true;
   } catch (const std::exception& ex) {
     why = first_line(ex.what());
   }
   if (began) {
     try {
       e->graph->capture_end();
-    } catch (const std::exception& ex) {
-      if (ok) why = first_line(ex.what());
-      ok = false;
+      ended = true;
+    } catch (const std::exception& ex) {  // an invalidated capture
+      if (ran) why = first_line(ex.what());
     }
   }
-  if (!ok) {
-    // Kept, not destroyed: the allocator may still hold this graph's capture filter.
-    (void)e->graph.release();
-    e->out.clear();
-    return nullptr;
-  }
-  return e;
+  if (ran && ended) return Captured::kOk;
+  e->out.clear();
+  // Unless capture_end itself failed, torch's bookkeeping of the capture is complete and the
+  // graph (with its pool) can go as usual.
+  return !began || ended ? Captured::kFailedCleanly : Captured::kFailedUncleanly;
 }
 
 TensorList replay(Entry& e, const TensorList& inputs) {
@@ -253,15 +280,20 @@ std::optional<TensorList> run_graphed(bool forward, std::vector<int64_t> flags,
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
     return std::nullopt;
   }
+  // Deterministic mode: the eager loop, whose cuBLAS calls make the checks and alerts that a
+  // replay would skip.
+  if (at::globalContext().deterministicAlgorithms()) return std::nullopt;
   // As in the driver: the copies in and out are not part of any autograd graph.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  Key key = signature(forward, flags, inputs);
+  const auto caller = at::cuda::getCurrentCUDAStream();
+  const StreamKind kind{caller.device_index(), priority_of(caller)};
+  Key key = signature(forward, flags, inputs, kind.priority);
   Cache& c = cache();
   std::shared_ptr<Entry> hit;
   bool capture_now = false;
   {
     const std::lock_guard<std::mutex> lock(c.mutex);
-    if (c.broken) return std::nullopt;
+    if (c.broken || c.failed.count(key)) return std::nullopt;
     for (auto it = c.entries.begin(); it != c.entries.end(); ++it) {
       if ((*it)->key == key) {
         hit = *it;
@@ -291,22 +323,30 @@ std::optional<TensorList> run_graphed(bool forward, std::vector<int64_t> flags,
   }
   if (bytes > kMaxCallBytes) return out;
   std::string why;
-  std::shared_ptr<Entry> fresh;
+  auto fresh = std::make_shared<Entry>(kind);
+  fresh->key = key;
+  fresh->bytes = bytes;
+  Captured result;
   try {
-    fresh = capture(key, inputs, run, why);
+    result = capture(fresh, inputs, run, why);
   } catch (const std::exception& ex) {  // before the capture began: nothing left behind
     TORCH_WARN("handlstm: preparing a CUDA graph of the ", forward ? "forward" : "backward",
                " failed; this call signature runs the eager generic loop until seen twice "
                "more. Cause: ", first_line(ex.what()));
     return out;
   }
-  const bool failed = fresh == nullptr;
-  if (fresh) fresh->bytes = bytes;
+  if (result == Captured::kFailedUncleanly) {
+    // Kept, never destroyed: an unfinished capture may still be registered with the caching
+    // allocator, pointing at this graph object.
+    (void)fresh->graph.release();
+  }
   std::vector<std::shared_ptr<Entry>> evicted;
   {
     const std::lock_guard<std::mutex> lock(c.mutex);
-    if (failed) {
+    if (result == Captured::kFailedUncleanly) {
       c.broken = true;
+    } else if (result == Captured::kFailedCleanly) {
+      c.failed.insert(key);
     } else {
       bool known = false;  // another thread may have captured the same signature meanwhile
       for (const auto& e : c.entries) known = known || e->key == key;
@@ -322,10 +362,15 @@ std::optional<TensorList> run_graphed(bool forward, std::vector<int64_t> flags,
     }
   }
   evicted.clear();  // outside the lock: this may wait for their queued work
-  if (failed) {
+  fresh.reset();
+  if (result != Captured::kOk) {
     TORCH_WARN("handlstm: capturing the ", forward ? "forward" : "backward",
-               " in a CUDA graph failed, so the graph time loop runs the eager generic loop "
-               "from now on in this process. Cause: ", why.empty() ? std::string("unknown") : why);
+               " in a CUDA graph failed, so ",
+               result == Captured::kFailedCleanly
+                   ? "this call signature runs the eager generic loop from now on"
+                   : "the graph time loop runs the eager generic loop from now on in this "
+                     "process (torch may keep some of the failed capture's memory)",
+               ". Cause: ", why.empty() ? std::string("unknown") : why);
   }
   return out;
 }
@@ -338,6 +383,7 @@ void clear_cuda_graphs() {
     dropped.swap(c.entries);
     c.bytes = 0;
     c.seen_once.clear();
+    c.failed.clear();
   }
   // Destroyed here, outside the lock, each once its queued work is done.
 }

@@ -171,10 +171,10 @@ def test_calls_from_two_streams_see_their_own_values(graph_loop):
     hl.set_cuda_time_loop("generic")
     expected = [hl.lstm(*a[:6])[0] for a in args]
     hl.set_cuda_time_loop("graph")
-    for a in args[:2]:  # capture the signature
-        hl.lstm(*a[:6])
-    torch.cuda.synchronize()
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    torch.cuda.synchronize()
+    for a in args[:2]:  # capture the signature; the first replay follows at once, elsewhere
+        hl.lstm(*a[:6])
     outs = []
     for k, a in enumerate(args):
         with torch.cuda.stream(streams[k % 2]):
@@ -260,10 +260,60 @@ def test_the_cache_keeps_the_most_recently_used_and_clear_empties_it(graph_loop)
 
 @pytest.mark.cuda
 def test_a_call_too_large_to_copy_is_never_captured(graph_loop):
-    """Gates alone of T=1000, N=64, H=256 in float32 are 262 MB: past the 256 MiB a call's
+    """Gates alone of T=1100, N=64, H=256 in float32 are 275 MiB: past the 256 MiB a call's
     copies may take, so it stays eager (the GPU sets the pace there, not the host)."""
-    args = make_args(1000, 64, 8, 256, dtype=torch.float32, device="cuda", requires_grad=False)
+    args = make_args(1100, 64, 8, 256, dtype=torch.float32, device="cuda", requires_grad=False)
     for _ in range(3):
         hl.lstm(*args[:6])
         assert _C._cuda_last_loops()[0] == "generic"
     assert _C._cuda_graph_cache()[0] == 0
+
+
+@pytest.mark.cuda
+def test_tf32_set_through_the_new_precision_api(graph_loop):
+    """torch.backends.cuda.matmul.fp32_precision (the API after allow_tf32): the legacy TF32
+    getters throw once it is used, so the key must not read them; the call replays, and the
+    other setting is another signature."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    args = make_args(5, 3, 4, 32, dtype=torch.float32, device="cuda", requires_grad=False)
+    try:
+        matmul.fp32_precision = "tf32"
+        for _ in range(3):
+            hl.lstm(*args[:6])
+        assert _C._cuda_last_loops()[0] == "graph"
+        matmul.fp32_precision = "ieee"
+        hl.lstm(*args[:6])
+        assert _C._cuda_last_loops()[0] == "generic"
+    finally:
+        matmul.fp32_precision = before
+
+
+@pytest.mark.cuda
+def test_deterministic_mode_runs_eagerly(graph_loop):
+    args = make_args(5, 3, 4, 32, dtype=torch.float64, device="cuda", requires_grad=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        for _ in range(3):
+            hl.lstm(*args[:6])
+            assert _C._cuda_last_loops()[0] == "generic"
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert _C._cuda_graph_cache()[0] == 0
+
+
+@pytest.mark.cuda
+def test_a_high_priority_stream_is_its_own_signature(graph_loop):
+    """Graph kernels keep the priority of their capture stream: a call from a high-priority
+    stream must not replay a graph captured for a normal one."""
+    args = make_args(5, 3, 4, 32, dtype=torch.float64, device="cuda", requires_grad=False)
+    for _ in range(3):
+        hl.lstm(*args[:6])
+    assert _C._cuda_last_loops()[0] == "graph"
+    with torch.cuda.stream(torch.cuda.Stream(priority=-1)):
+        out = hl.lstm(*args[:6])[0]
+        assert _C._cuda_last_loops()[0] == "generic"
+    torch.cuda.synchronize()
+    hl.set_cuda_time_loop("generic")
+    torch.testing.assert_close(out, hl.lstm(*args[:6])[0])
