@@ -304,8 +304,9 @@ def set_cuda_time_loop(mode):
     launch per call instead of a few per step. Each cached graph keeps copies of its call's
     inputs and outputs (up to 32 signatures and 1 GiB of copies, the least recently used
     dropped first; a call whose copies would exceed 256 MiB is not captured, since the GPU,
-    not the host, sets the pace there; clear_cuda_graphs() frees them). Packed sequences, and calls made while the caller's
-    stream is itself being captured, run the generic loop eagerly. Should a capture ever fail,
+    not the host, sets the pace there; clear_cuda_graphs() frees them). Packed sequences, calls made while the caller's stream
+    is itself being captured, and calls under torch.use_deterministic_algorithms(True) run
+    the generic loop eagerly. Should a capture ever fail,
     a warning says so and the graph loop runs the generic loop eagerly for the rest of the
     process."""
     if mode not in CUDA_TIME_LOOPS:
