@@ -300,15 +300,15 @@ def set_cuda_time_loop(mode):
 
     'graph' serves each call from a CUDA graph of the generic loop, captured the second time a
     call signature (shapes, dtypes, device, which optional tensors are given, the direction,
-    the cuBLAS settings such as TF32) is seen and replayed after that, so the host issues one
-    launch per call instead of a few per step. Each cached graph keeps copies of its call's
-    inputs and outputs (up to 32 signatures and 1 GiB of copies, the least recently used
-    dropped first; a call whose copies would exceed 256 MiB is not captured, since the GPU,
-    not the host, sets the pace there; clear_cuda_graphs() frees them). Packed sequences, calls made while the caller's stream
-    is itself being captured, and calls under torch.use_deterministic_algorithms(True) run
-    the generic loop eagerly. Should a capture ever fail,
-    a warning says so and the graph loop runs the generic loop eagerly for the rest of the
-    process."""
+    the cuBLAS settings such as TF32, the stream's priority) is seen and replayed after that,
+    so the host issues one launch per call instead of a few per step. Each cached graph keeps
+    copies of its call's inputs and outputs: up to 32 signatures and 1 GiB of copies, the
+    least recently used dropped first; a call whose copies would exceed 256 MiB is not
+    captured, since the GPU, not the host, sets the pace there; clear_cuda_graphs() frees
+    them. Packed sequences, calls made while the caller's stream is itself being captured, and
+    calls under torch.use_deterministic_algorithms(True) run the generic loop eagerly. Should
+    a capture ever fail, a warning says so and that signature (or, if torch could not finish
+    the capture, the whole graph loop) runs the generic loop eagerly from then on."""
     if mode not in CUDA_TIME_LOOPS:
         raise ValueError(f"set_cuda_time_loop: mode must be one of {CUDA_TIME_LOOPS}, got {mode!r}")
     _ext._C._set_cuda_loop_mode(CUDA_TIME_LOOPS.index(mode))
