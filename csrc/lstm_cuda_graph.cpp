@@ -30,11 +30,16 @@
 // BLAS backend. Under torch.use_deterministic_algorithms(True) calls run eagerly, so that
 // cuBLAS's determinism checks still apply.
 //
+// The graph bakes in the addresses of those cuBLAS workspaces; torch can free them all
+// (torch.compile's CUDA graph trees do), so a replay on the capturing thread first checks
+// that they are still the same, and a graph whose workspaces went is dropped.
+//
 // A capture that fails (nothing in the generic loop should fail to capture, but memory can run
 // out) is warned about once. If the capture itself ended cleanly, that signature runs eagerly
-// from then on. If ending it failed (an invalidated capture), torch's bookkeeping of it cannot
-// be undone in every torch version: the graph object is kept rather than destroyed, and the
-// graph loop runs eagerly for the rest of the process.
+// from then on. If it did not end (an invalidated capture), some torch versions leave its
+// allocations routed to its pool: that routing is ended here (the capture has a pool of its
+// own for this), the graph object is kept rather than destroyed, and the graph loop runs
+// eagerly for the rest of the process.
 
 // torch's CUDAEvent.h aligns a member to std::hardware_destructive_interference_size, about
 // which GCC 12+ warns wherever the type is laid out (the value may differ between compilers);
@@ -42,6 +47,7 @@
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 #pragma GCC diagnostic ignored "-Winterference-size"
 #endif
+#include <ATen/core/CachingHostAllocator.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
@@ -51,11 +57,13 @@
 #include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
 
+#include <algorithm>
 #include <list>
 #include <memory>
 #include <mutex>
 #include <set>
 #include <string>
+#include <thread>
 #include <utility>
 
 #include "lstm.h"
@@ -147,6 +155,10 @@ struct Entry {
   StreamLease lease;  // first: given back last, after the graph is gone
   Key key;
   int64_t bytes = 0;  // of `in` and `out`
+  // The cuBLASLt workspace of (capturing thread's handle, capture stream) at capture; the
+  // graph writes to it, and to the cuBLAS workspace made with it.
+  void* workspace = nullptr;
+  std::thread::id thread;
   std::unique_ptr<at::cuda::CUDAGraph> graph;
   TensorList in;             // what the graph reads: the caller's inputs are copied here
   TensorList out;            // what the graph writes: copied out on every call
@@ -173,13 +185,18 @@ Cache& cache() {
 Key signature(bool forward, const std::vector<int64_t>& flags, const TensorList& inputs,
               int priority) {
   auto& ctx = at::globalContext();
-  // What cuBLAS reads: the float32 matmul precision (TF32 or not; the legacy getters throw
-  // once the new fp32_precision API has been used, while this one reflects both), the
-  // reduced-precision reductions and accumulation, the backend.
+  // What cuBLAS reads: the float32 matmul precision (read through float32Precision: the legacy
+  // TF32 getters throw once the new fp32_precision API has been used, while this reflects
+  // both; "none" and "ieee" behave alike), the thread's NoTF32Guard, the reduced-precision
+  // reductions and accumulation, the backend.
+  const auto fp32 = ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL);
+  const int64_t fp32_mode = fp32 == at::Float32Precision::TF32   ? 1
+                            : fp32 == at::Float32Precision::BF16 ? 2
+                                                                 : 0;
   Key k{forward,
         priority,
-        static_cast<int64_t>(ctx.float32Precision(at::Float32Backend::CUDA,
-                                                  at::Float32Op::MATMUL)),
+        fp32_mode,
+        at::NoTF32Guard::should_disable_tf32(),
         static_cast<int64_t>(ctx.allowFP16ReductionCuBLAS()),
         static_cast<int64_t>(ctx.allowBF16ReductionCuBLAS()),
         ctx.allowFP16AccumulationCuBLAS(),
@@ -228,33 +245,62 @@ Captured capture(const std::shared_ptr<Entry>& e, const TensorList& inputs,
   const auto side = e->lease.stream();
   const c10::cuda::CUDAStreamGuard on_side(side);
   // cuBLAS's and cuBLASLt's workspaces for this stream (ATen keeps one per handle and stream),
-  // made now from ordinary memory rather than inside the capture from the graph's pool.
+  // made now from ordinary memory rather than inside the capture from the graph's pool. The
+  // graph bakes their addresses in: replay() checks that they are still the same.
   (void)at::cuda::getCurrentCUDABlasHandle();
-  (void)at::cuda::getCUDABlasLtWorkspace();
+  e->workspace = at::cuda::getCUDABlasLtWorkspace();
+  e->thread = std::this_thread::get_id();
   e->graph = std::make_unique<at::cuda::CUDAGraph>();
-  bool began = false, ran = false, ended = false;
+  // An explicit pool, so that an unfinished capture's routing can be ended here (below).
+  const auto pool = at::cuda::graph_pool_handle();
+  bool ran = false;
   try {
     // Thread-local: other threads may go on using CUDA meanwhile.
-    e->graph->capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
-    began = true;
+    e->graph->capture_begin(pool, cudaStreamCaptureModeThreadLocal);
     e->out = run(e->in);  // e.g. out of memory: the capture itself stays valid
     ran = true;
   } catch (const std::exception& ex) {
     why = first_line(ex.what());
   }
-  if (began) {
-    try {
-      e->graph->capture_end();
-      ended = true;
-    } catch (const std::exception& ex) {  // an invalidated capture
-      if (ran) why = first_line(ex.what());
-    }
+  try {
+    e->graph->capture_end();  // also after a failed capture_begin: it ends what was begun
+  } catch (const std::exception& ex) {
+    if (ran) why = first_line(ex.what());
+  }
+  // Whether torch's bookkeeping of the capture is complete: pool() refuses a graph whose
+  // capture has not ended (its instantiation may still have failed, e.g. out of memory).
+  bool ended = false;
+  try {
+    (void)e->graph->pool();
+    ended = true;
+  } catch (const std::exception&) {
   }
   if (ran && ended) return Captured::kOk;
   e->out.clear();
-  // Unless capture_end itself failed, torch's bookkeeping of the capture is complete and the
-  // graph (with its pool) can go as usual.
-  return !began || ended ? Captured::kFailedCleanly : Captured::kFailedUncleanly;
+  if (ended) return Captured::kFailedCleanly;
+  // Not ended: some torch versions check cudaStreamEndCapture before they stop routing the
+  // capture's allocations to its pool. Stop it here (harmless where torch already did).
+  try {
+    c10::cuda::CUDACachingAllocator::endAllocateToPool(side.device_index(), pool);
+  } catch (const std::exception&) {
+  }
+  try {
+    at::getHostAllocator(at::kCUDA)->end_allocate_to_pool(pool);
+  } catch (const std::exception&) {
+  }
+  return Captured::kFailedUncleanly;
+}
+
+// Whether the workspaces the graph writes are still the ones it was captured with. torch can
+// free every stream's cuBLAS workspaces (torch._C._cuda_clearCublasWorkspaces(), which
+// torch.compile's CUDA graph trees call); asking for them again makes new ones. Only the
+// capturing thread can tell (the workspaces belong to its cuBLAS handle); other threads'
+// replays are not checked.
+bool workspaces_intact(const Entry& e) {
+  if (std::this_thread::get_id() != e.thread) return true;
+  const c10::cuda::CUDAStreamGuard on_side(e.lease.stream());
+  (void)at::cuda::getCurrentCUDABlasHandle();
+  return at::cuda::getCUDABlasLtWorkspace() == e.workspace;
 }
 
 TensorList replay(Entry& e, const TensorList& inputs) {
@@ -309,6 +355,20 @@ std::optional<TensorList> run_graphed(bool forward, std::vector<int64_t> flags,
       }
     }
   }
+  if (hit && !workspaces_intact(*hit)) {
+    // Its cuBLAS scratch is gone: drop it (capturing again from the next call on).
+    {
+      const std::lock_guard<std::mutex> lock(c.mutex);
+      const auto it = std::find(c.entries.begin(), c.entries.end(), hit);
+      if (it != c.entries.end()) {  // (unless another thread dropped it meanwhile)
+        c.bytes -= hit->bytes;
+        c.entries.erase(it);
+      }
+      c.seen_once.insert(key);
+    }
+    hit.reset();  // outside the lock: this may wait for its queued work
+    return run(inputs);
+  }
   if (hit) {
     TensorList out = replay(*hit, inputs);
     record_cuda_loop(forward, CudaLoop::kGraph);
@@ -323,11 +383,12 @@ std::optional<TensorList> run_graphed(bool forward, std::vector<int64_t> flags,
   }
   if (bytes > kMaxCallBytes) return out;
   std::string why;
-  auto fresh = std::make_shared<Entry>(kind);
-  fresh->key = key;
-  fresh->bytes = bytes;
+  std::shared_ptr<Entry> fresh;
   Captured result;
   try {
+    fresh = std::make_shared<Entry>(kind);  // makes a capture stream if none is free
+    fresh->key = key;
+    fresh->bytes = bytes;
     result = capture(fresh, inputs, run, why);
   } catch (const std::exception& ex) {  // before the capture began: nothing left behind
     TORCH_WARN("handlstm: preparing a CUDA graph of the ", forward ? "forward" : "backward",

@@ -292,14 +292,15 @@ def test_tf32_set_through_the_new_precision_api(graph_loop):
 @pytest.mark.cuda
 def test_deterministic_mode_runs_eagerly(graph_loop):
     args = make_args(5, 3, 4, 32, dtype=torch.float64, device="cuda", requires_grad=False)
-    before = torch.are_deterministic_algorithms_enabled()
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         for _ in range(3):
             hl.lstm(*args[:6])
             assert _C._cuda_last_loops()[0] == "generic"
     finally:
-        torch.use_deterministic_algorithms(before)
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
     assert _C._cuda_graph_cache()[0] == 0
 
 
@@ -311,9 +312,34 @@ def test_a_high_priority_stream_is_its_own_signature(graph_loop):
     for _ in range(3):
         hl.lstm(*args[:6])
     assert _C._cuda_last_loops()[0] == "graph"
-    with torch.cuda.stream(torch.cuda.Stream(priority=-1)):
+    high = torch.cuda.Stream(priority=-1)
+    high.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(high):
         out = hl.lstm(*args[:6])[0]
         assert _C._cuda_last_loops()[0] == "generic"
     torch.cuda.synchronize()
     hl.set_cuda_time_loop("generic")
     torch.testing.assert_close(out, hl.lstm(*args[:6])[0])
+
+
+@pytest.mark.cuda
+def test_a_graph_whose_cublas_workspace_was_cleared_is_dropped(graph_loop):
+    """torch can free every stream's cuBLAS workspaces (torch.compile's CUDA graph trees do):
+    a graph still writing to the old ones must not replay; the call runs eagerly, and the
+    signature is captured afresh."""
+    args = make_args(5, 3, 4, 32, dtype=torch.float32, device="cuda", requires_grad=False)
+    for _ in range(3):
+        hl.lstm(*args[:6])
+    assert _C._cuda_last_loops()[0] == "graph"
+    hl.set_cuda_time_loop("generic")
+    expected = hl.lstm(*args[:6])[0]
+    hl.set_cuda_time_loop("graph")
+    torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()
+    loops = []
+    for _ in range(3):
+        torch.testing.assert_close(hl.lstm(*args[:6])[0], expected)
+        loops.append(_C._cuda_last_loops()[0])
+    # A new workspace at a new address drops the graph (generic, generic, graph); one that
+    # happens to land at the old address leaves it valid (graph throughout).
+    assert loops in (["generic", "generic", "graph"], ["graph"] * 3)
