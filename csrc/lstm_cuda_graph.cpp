@@ -430,7 +430,8 @@ std::optional<TensorList> run_graphed(bool forward, std::vector<int64_t> flags,
                result == Captured::kFailedCleanly
                    ? "this call signature runs the eager generic loop from now on"
                    : "the graph time loop runs the eager generic loop from now on in this "
-                     "process (torch may keep some of the failed capture's memory)",
+                     "process (torch may keep some of the failed capture's memory; should "
+                     "CUDA random-number ops fail after this, restart the process)",
                ". Cause: ", why.empty() ? std::string("unknown") : why);
   }
   return out;
