@@ -253,19 +253,33 @@ Captured capture(const std::shared_ptr<Entry>& e, const TensorList& inputs,
   e->graph = std::make_unique<at::cuda::CUDAGraph>();
   // An explicit pool, so that an unfinished capture's routing can be ended here (below).
   const auto pool = at::cuda::graph_pool_handle();
-  bool ran = false;
+  bool began = false, ran = false;
   try {
     // Thread-local: other threads may go on using CUDA meanwhile.
     e->graph->capture_begin(pool, cudaStreamCaptureModeThreadLocal);
+    began = true;
     e->out = run(e->in);  // e.g. out of memory: the capture itself stays valid
     ran = true;
   } catch (const std::exception& ex) {
     why = first_line(ex.what());
   }
-  try {
-    e->graph->capture_end();  // also after a failed capture_begin: it ends what was begun
-  } catch (const std::exception& ex) {
-    if (ran) why = first_line(ex.what());
+  // capture_end after a capture_begin that threw only if the stream did start capturing
+  // (torch 2.14's capture_end would otherwise unbalance its count of captures underway).
+  bool capturing = began;
+  if (!began) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(side.stream(), &status) == cudaSuccess) {
+      capturing = status != cudaStreamCaptureStatusNone;
+    } else {
+      (void)cudaGetLastError();  // that query's own error, not the caller's
+    }
+  }
+  if (capturing) {
+    try {
+      e->graph->capture_end();
+    } catch (const std::exception& ex) {
+      if (ran) why = first_line(ex.what());
+    }
   }
   // Whether torch's bookkeeping of the capture is complete: pool() refuses a graph whose
   // capture has not ended (its instantiation may still have failed, e.g. out of memory).
@@ -279,15 +293,22 @@ Captured capture(const std::shared_ptr<Entry>& e, const TensorList& inputs,
   e->out.clear();
   if (ended) return Captured::kFailedCleanly;
   // Not ended: some torch versions check cudaStreamEndCapture before they stop routing the
-  // capture's allocations to its pool. Stop it here (harmless where torch already did).
-  try {
-    c10::cuda::CUDACachingAllocator::endAllocateToPool(side.device_index(), pool);
-  } catch (const std::exception&) {
+  // capture's allocations to its pool. Stop it here (where torch already did, this throws and
+  // is ignored), then give the pool back: the graph object, kept by the caller, never will.
+  // Not under cudaMallocAsync, whose end of routing is process-wide, not per pool.
+  const auto device = side.device_index();
+  auto ignoring = [](const auto& f) {
+    try {
+      f();
+    } catch (const std::exception&) {
+    }
+  };
+  if (c10::cuda::CUDACachingAllocator::get()->name() != "cudaMallocAsync") {
+    ignoring([&] { c10::cuda::CUDACachingAllocator::endAllocateToPool(device, pool); });
+    ignoring([&] { c10::cuda::CUDACachingAllocator::releasePool(device, pool); });
   }
-  try {
-    at::getHostAllocator(at::kCUDA)->end_allocate_to_pool(pool);
-  } catch (const std::exception&) {
-  }
+  ignoring([&] { at::getHostAllocator(at::kCUDA)->end_allocate_to_pool(pool); });
+  ignoring([&] { at::getHostAllocator(at::kCUDA)->release_pool(pool); });
   return Captured::kFailedUncleanly;
 }
 
@@ -298,9 +319,22 @@ Captured capture(const std::shared_ptr<Entry>& e, const TensorList& inputs,
 // replays are not checked.
 bool workspaces_intact(const Entry& e) {
   if (std::this_thread::get_id() != e.thread) return true;
-  const c10::cuda::CUDAStreamGuard on_side(e.lease.stream());
-  (void)at::cuda::getCurrentCUDABlasHandle();
-  return at::cuda::getCUDABlasLtWorkspace() == e.workspace;
+  try {
+    const c10::cuda::CUDAStreamGuard on_side(e.lease.stream());
+    const auto device = e.lease.kind.device;
+    // Asking for them makes whichever is missing: a workspace made now (more memory in use
+    // afterwards, or a new cuBLASLt address) means one had been freed. (A false alarm, from
+    // another thread allocating meanwhile, only costs a capture.)
+    const auto before =
+        c10::cuda::CUDACachingAllocator::getDeviceStats(device).allocated_bytes[0].current;
+    (void)at::cuda::getCurrentCUDABlasHandle();
+    void* lt = at::cuda::getCUDABlasLtWorkspace();
+    const auto after =
+        c10::cuda::CUDACachingAllocator::getDeviceStats(device).allocated_bytes[0].current;
+    return lt == e.workspace && after == before;
+  } catch (const std::exception&) {  // e.g. out of memory for a new workspace
+    return false;
+  }
 }
 
 TensorList replay(Entry& e, const TensorList& inputs) {

@@ -340,6 +340,6 @@ def test_a_graph_whose_cublas_workspace_was_cleared_is_dropped(graph_loop):
     for _ in range(3):
         torch.testing.assert_close(hl.lstm(*args[:6])[0], expected)
         loops.append(_C._cuda_last_loops()[0])
-    # A new workspace at a new address drops the graph (generic, generic, graph); one that
-    # happens to land at the old address leaves it valid (graph throughout).
-    assert loops in (["generic", "generic", "graph"], ["graph"] * 3)
+    # The check sees a workspace made anew (wherever it lands) and drops the graph; the
+    # signature is then seen once, captured, replayed.
+    assert loops == ["generic", "generic", "graph"]
