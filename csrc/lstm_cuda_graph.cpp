@@ -19,15 +19,15 @@
 // capture, from ordinary memory rather than the graph's pool. A capture stream has its first
 // caller's priority (graph kernels keep the priority they were captured with; the priority is
 // in the key), and is reused by later entries, never destroyed. The copies in, the replay and
-// the copies out are queued on the caller's current stream. A use from another
-// stream first waits for the previous use (an event), since both would write the same buffers,
-// and an entry is destroyed only once its queued work is done. A call made while the caller's
+// the copies out are queued on the caller's current stream. A use from another stream first
+// waits for the previous use (an event), since both would write the same buffers, and an
+// entry is destroyed only once its queued work is done. A call made while the caller's
 // stream is itself being captured (the user's own CUDA graph) is left to the eager loop:
 // captures cannot nest.
 //
 // The key holds what the captured cuBLAS calls depend on besides the tensors: the float32
-// matmul precision (TF32 or not), reduced-precision reductions and accumulation, the preferred
-// BLAS backend. Under torch.use_deterministic_algorithms(True) calls run eagerly, so that
+// matmul precision (TF32 or not, and the thread's NoTF32Guard), reduced-precision reductions
+// and accumulation, the preferred BLAS backend. Under torch.use_deterministic_algorithms(True) calls run eagerly, so that
 // cuBLAS's determinism checks still apply.
 //
 // The graph bakes in the addresses of those cuBLAS workspaces; torch can free them all
@@ -37,9 +37,9 @@
 // A capture that fails (nothing in the generic loop should fail to capture, but memory can run
 // out) is warned about once. If the capture itself ended cleanly, that signature runs eagerly
 // from then on. If it did not end (an invalidated capture), some torch versions leave its
-// allocations routed to its pool: that routing is ended here (the capture has a pool of its
-// own for this), the graph object is kept rather than destroyed, and the graph loop runs
-// eagerly for the rest of the process.
+// allocations routed to its pool: that routing is ended and the pool given back here (the
+// capture has a pool of its own for this), the graph object is kept rather than destroyed,
+// and the graph loop runs eagerly for the rest of the process.
 
 // torch's CUDAEvent.h aligns a member to std::hardware_destructive_interference_size, about
 // which GCC 12+ warns wherever the type is laid out (the value may differ between compilers);
