@@ -58,8 +58,9 @@ void set_cuda_crossovers(std::string device, std::vector<Crossover> points) {
     const Crossover& p = points[i];
     TORCH_CHECK(p.N > 0 && p.H > 0 && p.T > 0, "set_cuda_crossovers: point ", i,
                 ": N, H and T must be positive, got N=", p.N, " H=", p.H, " T=", p.T);
-    TORCH_CHECK(!(p.persistent_wins && p.graph_wins), "set_cuda_crossovers: point ", i,
-                ": persistent_wins and graph_wins cannot both be true");
+    TORCH_CHECK(p.winner == CudaLoopMode::kGeneric || p.winner == CudaLoopMode::kPersistent ||
+                    p.winner == CudaLoopMode::kGraph,
+                "set_cuda_crossovers: point ", i, ": the winner must be a loop, not a mode");
   }
   auto next = std::make_shared<Table>(Table{std::move(device), std::move(points)});
   const std::lock_guard<std::mutex> lock(table_mutex);
@@ -68,42 +69,37 @@ void set_cuda_crossovers(std::string device, std::vector<Crossover> points) {
 
 size_t cuda_crossover_count() { return current_table()->points.size(); }
 
-namespace {
-
-// Whether the nearest points of (dtype, forward) to (N, H, T) all have `wins` set.
-bool nearest_all(bool Crossover::*wins, const std::string& device, at::ScalarType dtype,
-                 bool forward, int64_t N, int64_t H, int64_t T) {
+CudaLoopMode crossover_choice(const std::string& device, at::ScalarType dtype, bool forward,
+                              int64_t N, int64_t H, int64_t T) {
   const auto t = current_table();
-  if (t->device != device || N <= 0 || H <= 0 || T <= 0) return false;
-  // The nearest points (equal within rounding); `wins` only if all of them say so.
+  if (t->device != device || N <= 0 || H <= 0 || T <= 0) return CudaLoopMode::kGeneric;
+  // The nearest points (equal within rounding); their winner only if all of them agree.
   constexpr double kSlack = 1e-9;
   double best = kMaxOctaves + kSlack;
-  bool any = false, all_win = true;
+  bool any = false, agree = true;
+  CudaLoopMode winner = CudaLoopMode::kGeneric;
   for (const Crossover& p : t->points) {
     if (p.dtype != dtype || p.forward != forward) continue;
     const double d = octaves(N, p.N) + octaves(H, p.H) + 0.25 * octaves(T, p.T);
     if (d < best - kSlack) {  // strictly nearer: a new set of nearest points
       best = d + kSlack;
       any = true;
-      all_win = p.*wins;
-    } else if (d <= best) {  // as near as the nearest so far
+      agree = true;
+      winner = p.winner;
+    } else if (d <= best) {  // as near as the nearest so far (or the first within the limit)
+      agree = agree && (!any || p.winner == winner);
+      if (!any) winner = p.winner;
       any = true;
-      all_win = all_win && p.*wins;
     }
   }
-  return any && all_win;
+  return any && agree ? winner : CudaLoopMode::kGeneric;
 }
 
-}  // namespace
-
-bool crossovers_favour_persistent(const std::string& device, at::ScalarType dtype, bool forward,
-                                  int64_t N, int64_t H, int64_t T) {
-  return nearest_all(&Crossover::persistent_wins, device, dtype, forward, N, H, T);
-}
-
-bool crossovers_favour_graph(const std::string& device, at::ScalarType dtype, bool forward,
-                             int64_t N, int64_t H, int64_t T) {
-  return nearest_all(&Crossover::graph_wins, device, dtype, forward, N, H, T);
+CudaLoopMode wanted_cuda_loop(const char* (*device_name)(), at::ScalarType dtype, bool forward,
+                              int64_t N, int64_t H, int64_t T) {
+  const CudaLoopMode mode = cuda_loop_mode();
+  if (mode != CudaLoopMode::kAuto) return mode;
+  return crossover_choice(device_name(), dtype, forward, N, H, T);
 }
 
 }  // namespace handlstm

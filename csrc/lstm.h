@@ -143,23 +143,28 @@ enum class CudaLoopMode : int { kGeneric = 0, kPersistent = 1, kAuto = 2, kGraph
 CudaLoopMode cuda_loop_mode();
 void set_cuda_loop_mode(CudaLoopMode mode);
 
-// One measured point: whether the persistent loops or the graph loop beat the generic one
-// there (at most one of the two), for the forward (forward = true: from forward-only timings)
-// or the backward (from forward+backward timings).
+// One measured point: which loop won there (kGeneric, or kPersistent / kGraph where one beat
+// the generic loop), for the forward (forward = true: from forward-only timings) or the
+// backward (from forward+backward timings).
 struct Crossover {
   at::ScalarType dtype;
   bool forward;
   int64_t N, H, T;
-  bool persistent_wins;
-  bool graph_wins;
+  CudaLoopMode winner;
 };
 // Replaces the table; `device` is the GPU model it was measured on (cudaDeviceProp::name).
 void set_cuda_crossovers(std::string device, std::vector<Crossover> points);
 size_t cuda_crossover_count();
-bool crossovers_favour_persistent(const std::string& device, at::ScalarType dtype, bool forward,
-                                  int64_t N, int64_t H, int64_t T);
-bool crossovers_favour_graph(const std::string& device, at::ScalarType dtype, bool forward,
-                             int64_t N, int64_t H, int64_t T);
+// The table's choice for a call on `device`: the winner of its nearest measured points of the
+// same dtype and direction when they all agree, else kGeneric.
+CudaLoopMode crossover_choice(const std::string& device, at::ScalarType dtype, bool forward,
+                              int64_t N, int64_t H, int64_t T);
+// The loop the mode asks for such a call: kGeneric, kPersistent or kGraph (for kAuto, the
+// table's choice on the current device, whose name `device_name` gives; it is only asked then).
+CudaLoopMode wanted_cuda_loop(const char* (*device_name)(), at::ScalarType dtype, bool forward,
+                              int64_t N, int64_t H, int64_t T);
+// The current CUDA device's model name, for wanted_cuda_loop (lstm_cuda.cu; CUDA builds only).
+const char* current_cuda_device_name();
 
 bool persistent_forward_loop(const LoopArgs& a);
 bool persistent_backward_loop(const LoopArgs& a);

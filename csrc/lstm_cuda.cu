@@ -113,6 +113,12 @@ void launch_cell_backward(const CellBackwardArgs& a) {
   });
 }
 
+}  // namespace
+
+const char* current_cuda_device_name() { return at::cuda::getCurrentDeviceProperties()->name; }
+
+namespace {
+
 // Whether a call goes to run_graphed: in the graph mode, or in the auto mode where the
 // crossovers say so for its shape (read off input (T, N, I) and c0 (N, H); a call of other
 // ranks is left to the driver, which refuses it by name). Packed calls, and empty ones with
@@ -120,14 +126,8 @@ void launch_cell_backward(const CellBackwardArgs& a) {
 bool graph_wanted(bool forward, const at::Tensor& input, const at::Tensor& c0,
                   const std::optional<at::Tensor>& batch_sizes) {
   if (batch_sizes || input.dim() != 3 || c0.dim() != 2 || input.numel() == 0) return false;
-  switch (cuda_loop_mode()) {
-    case CudaLoopMode::kGraph: return true;
-    case CudaLoopMode::kAuto:
-      return crossovers_favour_graph(at::cuda::getCurrentDeviceProperties()->name,
-                                     input.scalar_type(), forward, input.size(1), c0.size(1),
-                                     input.size(0));
-    default: return false;
-  }
+  return wanted_cuda_loop(current_cuda_device_name, input.scalar_type(), forward, input.size(1),
+                          c0.size(1), input.size(0)) == CudaLoopMode::kGraph;
 }
 
 // Optional tensor arguments in and out of run_graphed's lists.

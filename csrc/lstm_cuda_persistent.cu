@@ -266,13 +266,8 @@ bool run_single_block(const LoopArgs& a) {
 
 // Whether the loop mode asks for a persistent loop for this call (see CudaLoopMode).
 bool persistent_wanted(const LoopArgs& a, bool forward) {
-  switch (cuda_loop_mode()) {
-    case CudaLoopMode::kPersistent: return true;
-    case CudaLoopMode::kAuto:
-      return crossovers_favour_persistent(at::cuda::getCurrentDeviceProperties()->name,
-                                          a.gates.scalar_type(), forward, a.N, a.H, a.sch->T);
-    default: return false;
-  }
+  return wanted_cuda_loop(current_cuda_device_name, a.gates.scalar_type(), forward, a.N, a.H,
+                          a.sch->T) == CudaLoopMode::kPersistent;
 }
 
 // When the mode wants a persistent loop: the single-block loop where it serves the call, else

@@ -110,8 +110,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              std::tuple<std::string, bool, int64_t, int64_t, int64_t, bool, bool>>& points) {
         std::vector<handlstm::Crossover> table;
         for (const auto& [dtype, forward, N, H, T, persistent, graph] : points) {
+          TORCH_CHECK(!(persistent && graph), "_set_cuda_crossovers: point ", table.size(),
+                      ": persistent_wins and graph_wins cannot both be true");
+          const auto winner = persistent ? handlstm::CudaLoopMode::kPersistent
+                              : graph    ? handlstm::CudaLoopMode::kGraph
+                                         : handlstm::CudaLoopMode::kGeneric;
           table.push_back({scalar_type_named(dtype, "_set_cuda_crossovers"), forward, N, H, T,
-                           persistent, graph});
+                           winner});
         }
         handlstm::set_cuda_crossovers(std::move(device), std::move(table));
       },
@@ -124,13 +129,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](const std::string& device, const std::string& dtype, bool forward, int64_t N, int64_t H,
          int64_t T) {
         const at::ScalarType st = scalar_type_named(dtype, "_cuda_crossover_choice");
-        if (handlstm::crossovers_favour_persistent(device, st, forward, N, H, T)) {
-          return std::string("persistent");
+        switch (handlstm::crossover_choice(device, st, forward, N, H, T)) {
+          case handlstm::CudaLoopMode::kPersistent: return std::string("persistent");
+          case handlstm::CudaLoopMode::kGraph: return std::string("graph");
+          default: return std::string("generic");
         }
-        if (handlstm::crossovers_favour_graph(device, st, forward, N, H, T)) {
-          return std::string("graph");
-        }
-        return std::string("generic");
       },
       "The loop the auto mode would prefer for such a call on that GPU: 'persistent', 'graph' "
       "or 'generic'.");
