@@ -55,6 +55,21 @@ def make_args(T, N, I, H, P=0, *, bias=True, dtype=torch.float64, device="cpu", 
             r(4 * H) if bias else None, r(P, H) if P else None)
 
 
+def outputs_and_grads(args, loss="all", **kw):
+    """handlstm_cuda.lstm's outputs (detached) on args (as make_args returns them) and the
+    gradients of every tensor argument for a fixed random loss of all outputs, or of h_n alone
+    (loss="h_n": autograd then hands the backward no grad_output)."""
+    import handlstm_cuda as hl  # here, not at the top: see HANDLSTM_CUDA_KERNELS above
+
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in args]
+    outs = hl.lstm(*leaves[:6], weight_hr=leaves[6], **kw)
+    used = outs if loss == "all" else outs[1:2]
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in used]
+    grads = torch.autograd.grad(used, [t for t in leaves if t is not None], weights)
+    return [o.detach() for o in outs] + list(grads)
+
+
 def packed_batch_sizes(lengths):
     """batch_sizes (T,) of a PackedSequence with these lengths (sorted descending inside)."""
     lengths = sorted(lengths, reverse=True)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import handlstm_cuda as hl
-from conftest import make_args
+from conftest import make_args, outputs_and_grads
 
 _C = hl._ext._C
 
@@ -48,22 +48,10 @@ def graph_loop():
     hl.clear_cuda_graphs()
 
 
-def _run(args, loss="all", **kw):
-    """Outputs and the gradients of every tensor argument for a fixed random loss of all
-    outputs, or of h_n alone (then autograd hands the backward no grad_output)."""
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in args]
-    outs = hl.lstm(*leaves[:6], weight_hr=leaves[6], **kw)
-    used = outs if loss == "all" else outs[1:2]
-    g = torch.Generator().manual_seed(3)
-    weights = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in used]
-    grads = torch.autograd.grad(used, [t for t in leaves if t is not None], weights)
-    return [o.detach() for o in outs] + list(grads)
-
-
 def _eager(args, **kw):
     hl.set_cuda_time_loop("generic")
     try:
-        return _run(args, **kw)
+        return outputs_and_grads(args, **kw)
     finally:
         hl.set_cuda_time_loop("graph")
 
@@ -83,7 +71,7 @@ def test_replays_equal_the_eager_loop_on_fresh_values(graph_loop, T, N, I, H, P,
     returned = []  # (what each call returned, a copy taken at once)
     for call in range(4):
         args = make_args(T, N, I, H, P, dtype=dtype, device="cuda", seed=call)
-        ours = _run(args, reverse=reverse)
+        ours = outputs_and_grads(args, reverse=reverse)
         assert _C._cuda_last_loops() == (("generic",) * 2 if call < 2 else ("graph",) * 2)
         returned.append((ours, [t.clone() for t in ours]))
         eager = _eager(args, reverse=reverse)
@@ -103,7 +91,7 @@ def test_a_backward_without_grad_output_is_its_own_signature(graph_loop):
     for call in range(3):
         args = make_args(9, 4, 3, 24, dtype=torch.float64, device="cuda", seed=call)
         for loss in ("h_n", "all", "h_n"):
-            ours = _run(args, loss=loss)
+            ours = outputs_and_grads(args, loss=loss)
             eager = _eager(args, loss=loss)
             for a, e in zip(ours, eager):
                 torch.testing.assert_close(a, e)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import handlstm_cuda as hl
-from conftest import make_args, packed_batch_sizes
+from conftest import make_args, outputs_and_grads, packed_batch_sizes
 from handlstm_cuda import reference
 
 # In scope: no projection, every row active. H = 1, 33 and 96, T = 1, and N giving every
@@ -76,16 +76,6 @@ def test_switch_is_off_by_default_and_toggles():
         hl.set_cuda_time_loop(before)
 
 
-def _run(args, **kw):
-    """Outputs and the gradients of every tensor argument for a fixed random loss."""
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in args]
-    outs = hl.lstm(*leaves[:6], weight_hr=leaves[6], **kw)
-    g = torch.Generator().manual_seed(3)
-    weights = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in outs]
-    grads = torch.autograd.grad(outs, [t for t in leaves if t is not None], weights)
-    return list(outs) + list(grads)
-
-
 def _generic_then_persistent(args, expected):
     """(generic loop's results, persistent loops' results) for the same arguments, TF32 off so
     that the generic loop's cuBLAS GEMMs are IEEE float32 too; checks that each call ran the
@@ -94,10 +84,10 @@ def _generic_then_persistent(args, expected):
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         hl.set_cuda_persistent_enabled(False)
-        generic = _run(args)
+        generic = outputs_and_grads(args)
         assert _loops() == ("generic", "generic")
         hl.set_cuda_persistent_enabled(True)
-        ours = _run(args)
+        ours = outputs_and_grads(args)
         assert _loops() == (expected, expected)
     finally:
         hl.set_cuda_time_loop(before[0])
@@ -126,7 +116,7 @@ def _compare(ours, theirs, tol):
 
 
 def _reference_run(args, **kw):
-    """The float64 reference on the CPU: outputs and gradients as in _run."""
+    """The float64 reference on the CPU: outputs and gradients as in outputs_and_grads."""
     cpu = [None if t is None else t.detach().cpu().double().requires_grad_() for t in args]
     ref_outs = reference.lstm(*cpu[:6], weight_hr=cpu[6], **kw)
     g = torch.Generator().manual_seed(3)
@@ -141,7 +131,7 @@ def _reference_run(args, **kw):
 def test_float64_matches_reference(persistent, shape, reverse):
     T, N, I, H = shape
     args = make_args(T, N, I, H, 0, device="cuda", seed=5)
-    ours = _run(args, reverse=reverse)
+    ours = outputs_and_grads(args, reverse=reverse)
     _compare(ours, _reference_run(args, reverse=reverse), 1e-10)
     expected = "cooperative" if H == 96 else "single-block"
     assert _loops() == (expected, expected)
@@ -160,7 +150,7 @@ COOP_IDS = ["T1-N1-H1", "N13-H33", "H100", "N8-H263"]
 def test_cooperative_float64_matches_reference(cooperative, shape, reverse):
     T, N, I, H = shape
     args = make_args(T, N, I, H, 0, device="cuda", seed=15)
-    ours = _run(args, reverse=reverse)
+    ours = outputs_and_grads(args, reverse=reverse)
     assert _loops() == ("cooperative", "cooperative")
     _compare(ours, _reference_run(args, reverse=reverse), 1e-10)
 
@@ -236,9 +226,9 @@ def test_deterministic(design):
     """Bitwise equal on a rerun: every sum runs in a fixed order (the cooperative partial sums
     in block order), no atomics."""
     args = make_args(20, 37, 5, 33, 0, dtype=torch.float32, device="cuda", seed=8)
-    first = _run(args)
+    first = outputs_and_grads(args)
     assert _loops() == (design, design)
-    second = _run(args)
+    second = outputs_and_grads(args)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -261,7 +251,7 @@ def test_out_of_scope_calls_take_the_generic_loop(persistent, case):
     kw = {}
     if case == "packed":
         kw["batch_sizes"] = packed_batch_sizes([4, 4, 3, 2, 1])
-    ours = _run(args, **kw)
+    ours = outputs_and_grads(args, **kw)
     assert _loops() == ("generic", "generic")
     _compare(ours, _reference_run(args, **kw), 1e-10)
 
