@@ -30,24 +30,29 @@
 # 16), GPU_CHECK_BUDGET, BENCH_ARGS (extra arguments for the benchmark, e.g. "--quick"),
 # HANDLSTM_GIT_COMMIT (the commit to write into the results when the tree is a copy without
 # .git, as on a lent machine), HANDLSTM_PREBUILT (a folder made by benchmarks/prebuild_device.sh:
-# its extension is used instead of building when it matches this machine's torch and Python).
+# its extension is used instead of building when it was built for this machine's torch and
+# Python and from these sources).
+#
+#   bash benchmarks/gpu_check.sh --build-id   # prints what an extension built here is built for
 
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
+PY=${PYTHON:-python3}
 
-# A hash of what the extension is built from (also for benchmarks/prebuild_device.sh).
-sources_hash() {
-    find csrc setup.py -type f | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16
+# What an extension built here would be built for: $PY's torch version (with its local tag),
+# Python major.minor, and a hash of the sources. benchmarks/prebuild_device.sh records it.
+build_id() {
+    echo "$("$PY" -c "import sys, torch; print(torch.__version__, '%d.%d' % sys.version_info[:2])")" \
+        "$(find csrc setup.py -type f | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16)"
 }
-if [[ ${1:-} == --sources-hash ]]; then
-    sources_hash
+if [[ ${1:-} == --build-id ]]; then
+    build_id
     exit 0
 fi
 
 OUTDIR=${1:-${OUT:-benchmarks/out/gpu-check}}
 mkdir -p "$OUTDIR" || exit 1
 OUTDIR=$(cd "$OUTDIR" && pwd)
-PY=${PYTHON:-python3}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONUNBUFFERED=1
@@ -126,7 +131,7 @@ sys.exit(0 if h.has_cuda_kernels() else 1)" || return 1
 build_ext() {
     local pre=${HANDLSTM_PREBUILT:-} here
     if [[ -n $pre ]]; then
-        here="$("$PY" -c "import sys, torch; print(torch.__version__, '%d.%d' % sys.version_info[:2])") $(sources_hash)"
+        here=$(build_id)
         if [[ -f $pre/built_for && $(cat "$pre/built_for") == "$here" ]] && ls "$pre"/_C*.so >/dev/null 2>&1; then
             cp "$pre"/_C*.so handlstm_cuda/
             if "$PY" -c "import handlstm_cuda as h, sys; sys.exit(not h.has_cuda_kernels())"; then
@@ -199,7 +204,7 @@ bench_persistent() {
 }
 
 export PY OUTDIR DEADLINE
-export -f left sources_hash env_info build_ext built_for_sm90 run_tests sanitize bench bench_persistent
+export -f left build_id env_info build_ext built_for_sm90 run_tests sanitize bench bench_persistent
 
 step env 30 env_info
 if step build 240 build_ext; then

@@ -52,12 +52,10 @@ git ls-files -z | xargs -0 tar -cf - | tar -xf - -C "$tree"
 rm -f "$OUTDIR"/_C*.so
 so=$(ls "$tree"/handlstm_cuda/_C*.so)
 strip --strip-debug -o "$OUTDIR/$(basename "$so")" "$so"
-# What gpu_check.sh compares: the torch version (with its local tag), Python major.minor and a
-# hash of the sources (so that an extension built from other sources is never used).
-{
-    "$VENV/bin/python" -c "import sys, torch; print(torch.__version__, '%d.%d' % sys.version_info[:2])"
-    (cd "$tree" && bash benchmarks/gpu_check.sh --sources-hash)
-} | paste -sd' ' >"$OUTDIR/built_for"
+# What gpu_check.sh compares: the torch version, Python and a hash of the sources (so that an
+# extension built from other sources is never used).
+(cd "$tree" && PYTHON="$VENV/bin/python" bash benchmarks/gpu_check.sh --build-id) \
+    >"$OUTDIR/built_for"
 # The stripped copy must import with its CUDA kernels here already (no GPU needed for that).
 cp "$OUTDIR"/_C*.so "$tree/handlstm_cuda/"
 (cd "$tree" && "$VENV/bin/python" -c "import handlstm_cuda as h, sys; sys.exit(not h.has_cuda_kernels())")
