@@ -7,9 +7,8 @@ interleaved in one run, with CUDA events: torch.nn.LSTM (cuDNN), ours on the gen
 (a cuBLAS GEMM and a fused pointwise kernel per step), ours on the persistent loops
 (whichever design serves the shape: single-block or cooperative; the table names it) and ours
 on the graph loop (the generic loop replayed from a CUDA graph the op captures and caches
-itself). The ratios of the generic and persistent loops are the measured crossovers a
-dispatcher between the two needs. float32 runs with
-TF32 off everywhere (exact float32, as the persistent loops compute).
+itself). Their ratios to the generic loop are the measured crossovers the 'auto' dispatcher
+reads. float32 runs with TF32 off everywhere (exact float32, as the persistent loops compute).
 
 Two more calls per point: cuDNN and our generic loop, each captured whole (forward and backward)
 in a CUDA graph by the caller and replayed, i.e. what graphs save of their per-step launch cost

@@ -27,8 +27,8 @@
 //
 // The key holds what the captured cuBLAS calls depend on besides the tensors: the float32
 // matmul precision (TF32 or not, and the thread's NoTF32Guard), reduced-precision reductions
-// and accumulation, the preferred BLAS backend. Under torch.use_deterministic_algorithms(True) calls run eagerly, so that
-// cuBLAS's determinism checks still apply.
+// and accumulation, the preferred BLAS backend. Under torch.use_deterministic_algorithms(True)
+// calls run eagerly, so that cuBLAS's determinism checks still apply.
 //
 // The graph bakes in the addresses of those cuBLAS workspaces; torch can free them all
 // (torch.compile's CUDA graph trees do), so a replay on the capturing thread first checks

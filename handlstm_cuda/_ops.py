@@ -276,11 +276,11 @@ _warned_cuda_fallback = False
 # fused pointwise kernel per step), "persistent" (one launch for all steps, the recurrent
 # weight in shared memory of one block or split across blocks, wherever the call is in scope:
 # no projection, no packed batch), "auto" (the persistent loops or the graph loop where
-# measured crossovers say it wins) or "graph" (the generic loop captured in a CUDA graph once per call signature and
-# replayed, csrc/lstm_cuda_graph.cpp). None of these has run on a GPU either, so the default
-# is "generic";
-# HANDLSTM_CUDA_LOOP (or the shorthand HANDLSTM_CUDA_PERSISTENT=1) is read at import. They only
-# take effect where the fused CUDA kernels run at all (see above).
+# measured crossovers say it wins) or "graph" (the generic loop captured in a CUDA graph per
+# call signature and replayed, csrc/lstm_cuda_graph.cpp). None of these has run on a GPU
+# either, so the default is "generic"; HANDLSTM_CUDA_LOOP (or the shorthand
+# HANDLSTM_CUDA_PERSISTENT=1) is read at import. They only take effect where the fused CUDA
+# kernels run at all (see above).
 CUDA_TIME_LOOPS = ("generic", "persistent", "auto", "graph")
 
 # Measured crossovers shipped with the package (written by benchmarks/persistent.py on a GPU),
@@ -349,9 +349,9 @@ def load_cuda_crossovers(path):
     that the graph loop did; at most one of them is true. A call follows the nearest point of
     its dtype and direction (in octaves of N and H, T a quarter as much; among equally near
     points, a loop other than the generic one only if all of them chose it); one farther than
-    two octaves from every point, or on another GPU model, takes the generic loop. None clears the table. A
-    malformed file is a ValueError naming the file, the point and the field, and leaves the
-    table in force unchanged.
+    two octaves from every point, or on another GPU model, takes the generic loop. None clears
+    the table. A malformed file is a ValueError naming the file, the point and the field, and
+    leaves the table in force unchanged.
     """
     if path is None:
         _ext._C._set_cuda_crossovers("", [])
