@@ -5,6 +5,8 @@ Kept in its own module so that spawned processes import only this, not the test 
 Shape vocabulary: N batch, T time, I input, H hidden.
 """
 
+import gc
+
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -53,6 +55,7 @@ def run(rank, world_size, init_file, out_path):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world_size)
+    ddp = None
     try:
         model, x, y = make_model_and_batch()
         shard = slice(rank * N // world_size, (rank + 1) * N // world_size)
@@ -63,8 +66,15 @@ def run(rank, world_size, init_file, out_path):
         if rank == 0:
             torch.save(model.state_dict(), out_path)
         # Both ranks leave together: a rank that tears gloo down while its peer is still
-        # talking to it can abort the peer ("terminate called without an active exception",
-        # seen once on a loaded 2-core CI machine with torch 2.13).
+        # talking to it can abort the peer.
         dist.barrier()
     finally:
+        # DDP's reducer keeps the process group and gloo work objects (holding tensors) alive
+        # past destroy_process_group. Left to interpreter shutdown, their destruction can take
+        # the GIL from a gloo thread while Python is being finalised, which aborts the worker:
+        # the likely cause of the rare "terminate called without an active exception" seen on
+        # the 2-core CI machine with torch 2.13's CPU wheel (not reproduced in 40 runs under
+        # load here). So free them here, while Python is fully alive.
+        del ddp
+        gc.collect()
         dist.destroy_process_group()
