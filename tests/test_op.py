@@ -235,44 +235,58 @@ def test_every_cpu_path_matches_reference(cpu_path, dtype):
         torch.testing.assert_close(a.double(), e, **tol)
 
 
+_LANES = 16  # H of the gate-math tests: whole AVX-512 and AVX2 vectors, no scalar tail
+
+
+def _cell_of_gate(x, gate, bias_g=0.0):
+    """c_1 of one step with p_gate = x elementwise and every other pre-activation 0, except
+    p_g = bias_g (h_0 = c_0 = 0, so c_1 = i g).
+
+    x is laid out (M, H = 16) with weight_ih's gate block the identity, so every vector lane
+    of the CPU pointwise kernels sees values (H = 1 would leave everything to their scalar
+    tails). gate 2 (g) gives c = tanh(x) / 2 (i = 1/2); gate 0 (i) with bias_g = 30 (g = 1
+    exactly) gives c = sigmoid(x)."""
+    H = _LANES
+    x = torch.cat([x, x[-1:].expand((-x.numel()) % H)])
+    M = x.numel() // H
+    w_ih = torch.zeros(4 * H, H)
+    w_ih[gate * H:(gate + 1) * H] = torch.eye(H)
+    bias = torch.zeros(4 * H)
+    bias[2 * H:3 * H] = bias_g
+    zeros = torch.zeros(M, H)
+    _, _, c = hl.lstm(x.view(1, M, H), zeros, zeros, w_ih, torch.zeros(4 * H, H), bias)
+    return c.reshape(-1)
+
+
 def test_cpu_float_gate_math_matches_float64(cpu_path):
     """The CPU float SIMD paths build tanh (and on AVX2, exp) themselves; check them across the
-    whole range.
-
-    With weight_ih = [0, 0, 1, 0]^T and no recurrence, i = f = o = 1/2 and g = tanh(x), so
-    c = tanh(x) / 2 exposes tanh. A second run exposes sigmoid through i with g = 1."""
+    whole range, on every lane."""
     x = torch.cat([torch.linspace(-12, 12, 20001), torch.logspace(-30, 1, 400),
                    -torch.logspace(-30, 1, 400)])
-    N = x.numel()
-    zeros = torch.zeros(N, 1)
-    _, _, c = hl.lstm(x.view(1, N, 1), zeros, zeros, torch.tensor([[0.0], [0.0], [1.0], [0.0]]),
-                      torch.zeros(4, 1))
+    n = x.numel()
     exact = torch.tanh(x.double())
-    rel = ((2 * c.view(-1).double() - exact).abs() / exact.abs().clamp_min(1e-38))
+    rel = (2 * _cell_of_gate(x, 2)[:n].double() - exact).abs() / exact.abs().clamp_min(1e-38)
     assert rel.max().item() < 4 * 2.0**-23
 
-    # p_i = x, p_g = 30 (g = 1 exactly): c = sigmoid(x)
-    _, _, c = hl.lstm(x.view(1, N, 1), zeros, zeros, torch.tensor([[1.0], [0.0], [0.0], [0.0]]),
-                      torch.zeros(4, 1), torch.tensor([0.0, 0.0, 30.0, 0.0]))
     exact = torch.sigmoid(x.double())
-    rel = ((c.view(-1).double() - exact).abs() / exact.abs())
+    rel = (_cell_of_gate(x, 0, bias_g=30.0)[:n].double() - exact).abs() / exact.abs()
     assert rel.max().item() < 4 * 2.0**-23
 
 
 def test_cpu_float_gate_math_saturates_exactly_and_keeps_nan(cpu_path):
-    """Beyond the exp clamp range the gates saturate to exact 0 / 1 / +-1, and NaN stays NaN
-    (the clamp inside the CPU exp would drop it if it were not restored)."""
-    x = torch.tensor([-1e30, -100.0, -88.9, 88.9, 100.0, 1e30, float("nan")])
-    N = x.numel()
-    zeros = torch.zeros(N, 1)
-    _, _, c = hl.lstm(x.view(1, N, 1), zeros, zeros, torch.tensor([[0.0], [0.0], [1.0], [0.0]]),
-                      torch.zeros(4, 1))
-    assert (2 * c.view(-1)[:6]).tolist() == [-1.0, -1.0, -1.0, 1.0, 1.0, 1.0]
-    assert torch.isnan(c.view(-1)[6])
-    _, _, c = hl.lstm(x.view(1, N, 1), zeros, zeros, torch.tensor([[1.0], [0.0], [0.0], [0.0]]),
-                      torch.zeros(4, 1), torch.tensor([0.0, 0.0, 30.0, 0.0]))
-    assert c.view(-1)[:6].tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
-    assert torch.isnan(c.view(-1)[6])
+    """Beyond the exp clamp range the gates saturate to exact 0 / 1 / +-1, 0 maps to exact 0 and
+    1/2, and NaN stays NaN (the clamp inside the CPU exp would drop it if it were not restored)."""
+    x = torch.tensor([-1e30, -100.0, -88.9, 88.9, 100.0, 1e30, 0.0])
+    # NaN gets a row of its own: the identity product would spread it over its row (NaN * 0).
+    x = torch.cat([x, x[-1:].expand(_LANES - x.numel()), torch.full((_LANES,), float("nan"))])
+    c = _cell_of_gate(x, 2)
+    assert (2 * c[:6]).tolist() == [-1.0, -1.0, -1.0, 1.0, 1.0, 1.0]
+    assert c[6].item() == 0.0
+    assert torch.isnan(c[_LANES:]).all()
+    c = _cell_of_gate(x, 0, bias_g=30.0)
+    assert c[:6].tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    assert c[6].item() == 0.5
+    assert torch.isnan(c[_LANES:]).all()
 
 
 def test_zero_length_sequence_returns_initial_state():

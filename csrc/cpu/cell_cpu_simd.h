@@ -49,8 +49,8 @@ typename Ops::V cephes_exp(typename Ops::V x_in) {
 // element):
 //   |x| >= 0.25: 1 - 2 / (e^{2|x|} + 1)   (result >= 0.24, so the subtraction loses < 1 ulp)
 //   |x| <  0.25: odd Taylor polynomial to x^9 (truncation < 1e-8 relative)
-// and the sign is copied back from x. e^{2|x|} overflowing to inf gives exactly 1; NaN stays
-// NaN. Checked against float64 in tests/test_op.py.
+// and the sign is copied back from x (a bitwise OR, below). e^{2|x|} overflowing to inf gives
+// exactly 1; NaN stays NaN. Checked against float64 in tests/test_op.py.
 template <typename V>
 V tanh_from_exp(V x) {
   const V a = x.abs();
@@ -63,7 +63,10 @@ V tanh_from_exp(V x) {
   poly = at::vec::fmadd(poly, a2, V(-1.0f / 3.0f));
   poly = at::vec::fmadd(poly, a2, one);
   const V small = a * poly;
-  return V::blendv(large, small, a < V(0.25f)).copysign(x);
+  // Both branches are >= 0, so OR-ing in x's sign bit copies the sign (NaN stays NaN). Not
+  // Vectorized::copysign: that is an out-of-line SLEEF call, around which every live vector
+  // register is spilled.
+  return V::blendv(large, small, a < V(0.25f)) | (x & V(-0.0f));
 }
 
 }  // namespace handlstm
