@@ -8,6 +8,7 @@
 #include <string>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -240,6 +241,7 @@ void run_packed(const PackedB& pb, int64_t M, const float* A, int64_t lda, float
 // everything else calls BLAS with W itself.
 template <typename T>
 struct StepWeight {
+  at::Tensor owner;  // holds w (a float32 copy of a half-type weight lives only here)
   const T* w;
   int64_t ld;
   bool trans;
@@ -255,11 +257,11 @@ struct StepWeight {
   }
 };
 
-// The step weight for w (Nc x K when trans, else K x Nc), packed when the CPU runs a packed
-// kernel for T.
+// The step weight for w (Nc x K when trans, else K x Nc, contiguous, of type T), packed when
+// the CPU runs a packed kernel for T.
 template <typename T>
 StepWeight<T> step_weight(const at::Tensor& w, bool trans) {
-  StepWeight<T> sw{w.const_data_ptr<T>(), w.size(1), trans,
+  StepWeight<T> sw{w, w.const_data_ptr<T>(), w.size(1), trans,
                    trans ? w.size(1) : w.size(0), trans ? w.size(0) : w.size(1), {}};
   if constexpr (std::is_same_v<T, float>) sw.packed = pack_b(trans ? w.t() : w);
   return sw;
@@ -290,10 +292,13 @@ struct LoopWeights {
   StepWeight<T> hh, hr;
 };
 
+// The weights as T (converted from the op's dtype when that differs: float32 steps of a
+// half-type call).
 template <typename T>
 LoopWeights<T> loop_weights(const LoopArgs& a, bool forward) {
-  LoopWeights<T> lw{step_weight<T>(a.w_hh, forward), {}};
-  if (a.proj) lw.hr = step_weight<T>(a.w_hr, forward);
+  const auto as_t = [](const at::Tensor& w) { return w.to(c10::CppTypeToScalarType<T>::value); };
+  LoopWeights<T> lw{step_weight<T>(as_t(a.w_hh), forward), {}};
+  if (a.proj) lw.hr = step_weight<T>(as_t(a.w_hr), forward);
   return lw;
 }
 
@@ -365,22 +370,168 @@ void backward_block(const LoopArgs& a, const LoopWeights<T>& lw, int64_t r0, int
   }
 }
 
+// ---- The half-type blocks (bfloat16, float16) ----------------------------------------------
+//
+// Storage stays in the op's dtype: the gate slab (the input projection in, the activated gates
+// out), cells, output, proj_in, dgates and dhs, which the driver's GEMMs and the backward read.
+// Each block runs its steps in float32 scratch instead: the step GEMMs on float32 copies of
+// W_hh (and W_hr), packed like the float32 loop's; the pointwise passes on the float32 SIMD
+// paths; the carried state (h and c forward, dh and dc backward) kept in float32 from one step
+// to the next and rounded to the dtype only where it is stored. So a half-type call runs at
+// the float32 loop's speed instead of several ATen calls per step, and it rounds less than
+// those did: neither a step GEMM's sum nor a carried state is rounded before it is used. The
+// backward reads the saved (rounded) gates and cells, as every path of the op does.
+
+// dst[k] = float(src[k]) / dst[k] = T(src[k]) (round to nearest even), k < count.
+template <typename T>
+void to_float(const T* src, float* dst, int64_t count) {
+  for (int64_t k = 0; k < count; ++k) dst[k] = static_cast<float>(src[k]);
+}
+template <typename T>
+void from_float(const float* src, T* dst, int64_t count) {
+  for (int64_t k = 0; k < count; ++k) dst[k] = static_cast<T>(src[k]);
+}
+
+// Float32 scratch of one block: consecutive (rows x width) slices handed out in order.
+class Scratch {
+ public:
+  explicit Scratch(int64_t floats) : buf_(static_cast<size_t>(floats)) {}
+  float* take(int64_t rows, int64_t width) {
+    float* p = buf_.data() + used_;
+    used_ += rows * width;
+    return p;
+  }
+
+ private:
+  std::vector<float> buf_;
+  int64_t used_ = 0;
+};
+
+template <typename T>
+void forward_block_half(const LoopArgs& a, const LoopWeights<float>& lw, int64_t r0,
+                        int64_t r1) {
+  const Schedule& sch = *a.sch;
+  const int64_t N = a.N, H = a.H, G = 4 * H, Hout = a.Hout, R = r1 - r0;
+  T* gates = a.gates.data_ptr<T>();
+  T* cells = a.cells.data_ptr<T>();
+  T* out = a.output.data_ptr<T>();
+  T* m_store = a.proj ? a.proj_in.data_ptr<T>() : out;
+
+  Scratch sc(R * (G + 3 * H + (a.proj ? 2 : 1) * Hout));
+  float* g = sc.take(R, G);        // this step's gate rows
+  float* c = sc.take(R, H);        // c of each row's latest step (the carry), written in place
+  float* c0 = sc.take(R, H);
+  float* m = sc.take(R, H);        // o * tanh(c)
+  float* h0 = sc.take(R, Hout);
+  float* h = a.proj ? sc.take(R, Hout) : m;  // h of each row's latest step (the carry)
+  to_float(a.c0.const_data_ptr<T>() + r0 * H, c0, R * H);
+  to_float(a.h0.const_data_ptr<T>() + r0 * Hout, h0, R * Hout);
+
+  for (int64_t s = 0; s < sch.T; ++s) {
+    const int64_t t = sch.time(s);
+    const auto [n, n_cont] = block_step(sch, s, r0, R);
+    if (n == 0) continue;
+    const int64_t row0 = t * N + r0;
+    to_float(gates + row0 * G, g, n * G);
+    // Rows [0, n_cont) continue from h; the GEMM reads all of h before the pointwise pass
+    // overwrites m (which is h without projection).
+    if (n_cont > 0) lw.hh(n_cont, h, Hout, g, G, true);
+    lw.hh(n - n_cont, h0 + n_cont * Hout, Hout, g + n_cont * G, G, true);
+
+    const cpu::ForwardRows<float> p{g, c, c0, c, m, H, n_cont};
+    at::parallel_for(0, n, grain_rows(H),
+                     [&](int64_t b, int64_t e) { forward_rows_best<float>(p, b, e); });
+    from_float(g, gates + row0 * G, n * G);
+    from_float(c, cells + row0 * H, n * H);
+    from_float(m, m_store + row0 * H, n * H);
+    if (a.proj) {
+      lw.hr(n, m, H, h, Hout, false);
+      from_float(h, out + row0 * Hout, n * Hout);
+    }
+  }
+}
+
+template <typename T>
+void backward_block_half(const LoopArgs& a, const LoopWeights<float>& lw, int64_t r0,
+                         int64_t r1) {
+  const Schedule& sch = *a.sch;
+  const int64_t N = a.N, H = a.H, G = 4 * H, Hout = a.Hout, R = r1 - r0;
+  const T* gates = a.gates.const_data_ptr<T>();
+  const T* cells = a.cells.const_data_ptr<T>();
+  const T* gout = a.grad_output.defined() ? a.grad_output.const_data_ptr<T>() : nullptr;
+  T* dgates = a.dgates.data_ptr<T>();
+  T* dhs = a.proj ? a.dhs.data_ptr<T>() : nullptr;
+
+  Scratch sc(R * (2 * G + 5 * H + 2 * Hout));
+  float* g = sc.take(R, G);      // this step's activated gates
+  float* dg = sc.take(R, G);     // this step's pre-activation gradients
+  float* c = sc.take(R, H);      // c_t
+  float* cp = sc.take(R, H);     // c_{t-1} of the rows that continue a step
+  float* c0 = sc.take(R, H);
+  float* dc = sc.take(R, H);     // carry: dL/dc
+  float* dm = sc.take(R, H);     // with projection: dh W_hr
+  float* dh = sc.take(R, Hout);  // carry: dL/dh (recurrent part)
+  float* go = sc.take(R, Hout);  // this step's dL/doutput
+  to_float(a.c0.const_data_ptr<T>() + r0 * H, c0, R * H);
+  to_float(a.dc.const_data_ptr<T>() + r0 * H, dc, R * H);
+  to_float(a.dh.const_data_ptr<T>() + r0 * Hout, dh, R * Hout);
+
+  for (int64_t s = sch.T - 1; s >= 0; --s) {
+    const int64_t t = sch.time(s);
+    const int64_t t_prev = s > 0 ? sch.time(s - 1) : -1;
+    const auto [n, n_cont] = block_step(sch, s, r0, R);
+    if (n == 0) continue;
+    const int64_t row0 = t * N + r0;
+    to_float(gates + row0 * G, g, n * G);
+    to_float(cells + row0 * H, c, n * H);
+    if (n_cont > 0) to_float(cells + (t_prev * N + r0) * H, cp, n_cont * H);
+    if (gout) to_float(gout + row0 * Hout, go, n * Hout);
+    const float* dm_t = dh;
+    const float* go_t = gout ? go : nullptr;
+    if (a.proj) {
+      // dh_t (total) = recurrent part + output gradient; dW_hr needs it, dm = dh_t W_hr.
+      if (gout) {
+        for (int64_t k = 0; k < n * Hout; ++k) dh[k] += go[k];
+      }
+      from_float(dh, dhs + row0 * Hout, n * Hout);
+      lw.hr(n, dh, Hout, dm, H, false);
+      dm_t = dm;
+      go_t = nullptr;
+    }
+    const cpu::BackwardRows<float> p{g, c, cp, c0, dm_t, go_t, dc, dg, H, n_cont};
+    at::parallel_for(0, n, grain_rows(H),
+                     [&](int64_t b, int64_t e) { backward_rows_best<float>(p, b, e); });
+    from_float(dg, dgates + row0 * G, n * G);
+    lw.hh(n, dg, G, dh, Hout, false);
+  }
+  // The carries end as the gradients of h0 and c0 (rows never active keep what came in).
+  from_float(dh, a.dh.data_ptr<T>() + r0 * Hout, R * Hout);
+  from_float(dc, a.dc.data_ptr<T>() + r0 * H, R * H);
+}
+
 // Rows per block: at least this many, so that each step's GEMM keeps its row tiles full. With
 // two threads at the seed's sizes (N = 64, H = 64), two blocks of 32 rows beat one block whose
 // GEMMs and pointwise passes are split among the threads at every step by 8-15% (packed
 // kernels); with BLAS the two were even.
 constexpr int64_t kMinBlockRows = 16;
 
+// T is the op's dtype; float32 and float64 step in it, the half types in float32 (above).
 template <typename T, bool kForward>
 void run_blocks_typed(const LoopArgs& a) {
-  const LoopWeights<T> lw = loop_weights<T>(a, kForward);
+  constexpr bool kHalfType = std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
+  using StepT = std::conditional_t<kHalfType, float, T>;
+  const LoopWeights<StepT> lw = loop_weights<StepT>(a, kForward);
   const int64_t blocks = std::clamp<int64_t>(a.N / kMinBlockRows, 1, at::get_num_threads());
   const int64_t per = (a.N + blocks - 1) / blocks;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * per, r1 = std::min(a.N, r0 + per);
       if (r0 >= r1) continue;
-      if constexpr (kForward) {
+      if constexpr (kHalfType && kForward) {
+        forward_block_half<T>(a, lw, r0, r1);
+      } else if constexpr (kHalfType) {
+        backward_block_half<T>(a, lw, r0, r1);
+      } else if constexpr (kForward) {
         forward_block<T>(a, lw, r0, r1);
       } else {
         backward_block<T>(a, lw, r0, r1);
@@ -391,14 +542,14 @@ void run_blocks_typed(const LoopArgs& a) {
 
 template <bool kForward>
 bool run_blocks(const LoopArgs& a) {
-  const auto dt = a.gates.scalar_type();
-  if ((dt != at::kFloat && dt != at::kDouble) || !have_blas() || !blas_sizes_ok(a)) return false;
-  if (dt == at::kFloat) {
-    run_blocks_typed<float, kForward>(a);
-  } else {
-    run_blocks_typed<double, kForward>(a);
+  if (!have_blas() || !blas_sizes_ok(a)) return false;
+  switch (a.gates.scalar_type()) {
+    case at::kFloat: run_blocks_typed<float, kForward>(a); return true;
+    case at::kDouble: run_blocks_typed<double, kForward>(a); return true;
+    case at::kBFloat16: run_blocks_typed<at::BFloat16, kForward>(a); return true;
+    case at::kHalf: run_blocks_typed<at::Half, kForward>(a); return true;
+    default: return false;
   }
-  return true;
 }
 
 bool forward_loop_cpu(const LoopArgs& a) { return run_blocks<true>(a); }
@@ -409,7 +560,7 @@ bool backward_loop_cpu(const LoopArgs& a) { return run_blocks<false>(a); }
 // result split among the threads in chunks of 8, each element one sum in k order, so these
 // weight gradients do not depend on the thread count. Undefined for everything else (BLAS
 // then).
-at::Tensor at_b_cpu(const at::Tensor& a, const at::Tensor& b) {
+at::Tensor at_b_cpu_f32(const at::Tensor& a, const at::Tensor& b) {
   const GemmKernels* gk = gemm_kernels();
   if (a.scalar_type() != at::kFloat || gk == nullptr || a.stride(1) != 1 || b.stride(1) != 1) {
     return {};
@@ -436,10 +587,63 @@ at::Tensor at_b_cpu(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
+// ---- Float16 GEMMs outside the time loop ----------------------------------------------------
+//
+// ATen's CPU float16 GEMM is a dot-product loop (on this project's AMD EPYC it was half the time
+// of a seed-sized float16 forward), so the input projection, dx and the weight gradients of a
+// float16 call convert their operands to float32 and run the float32 kernels, rounding each
+// result to float16 once, as ATen does. bfloat16 keeps ATen's GEMMs: oneDNN's bfloat16 kernels
+// (dot products of bfloat16 pairs where the CPU has them) beat a conversion to float32.
+
+// c = a b (+ bias) as mm_cpu below, for float16 a, b, bias and c: rows of a converted to float32
+// in chunks, each chunk's product rounded into c.
+bool mm_cpu_f16(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, const at::Tensor* bias) {
+  if (a.stride(1) != 1 || !c.is_contiguous()) return false;
+  const PackedB pb = pack_b(b.to(at::kFloat));
+  if (pb.kernel == nullptr) return false;
+  const int64_t M = a.size(0), K = pb.K, Nc = pb.Nc, lda = a.stride(0);
+  const int64_t panels = (Nc + cpu::panel_width(Nc, pb.lanes) - 1) / cpu::panel_width(Nc, pb.lanes);
+  const at::Tensor bias_f = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bp = pb.panels.const_data_ptr<float>();
+  const at::Half* ap = a.const_data_ptr<at::Half>();
+  at::Half* cp = c.mutable_data_ptr<at::Half>();
+  constexpr int64_t kChunk = 64;  // rows
+  at::parallel_for(0, (M + kChunk - 1) / kChunk, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<float> af(kChunk * K), cf(kChunk * Nc);
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t r0 = k * kChunk, rows = std::min(kChunk, M - r0);
+      for (int64_t r = 0; r < rows; ++r) to_float(ap + (r0 + r) * lda, af.data() + r * K, K);
+      if (bias) {
+        for (int64_t r = 0; r < rows; ++r) {
+          std::copy_n(bias_f.const_data_ptr<float>(), Nc, cf.data() + r * Nc);
+        }
+      }
+      pb.kernel(0, rows, 0, panels, Nc, K, af.data(), K, bp, cf.data(), Nc, bias != nullptr);
+      from_float(cf.data(), cp + r0 * Nc, rows * Nc);
+    }
+  });
+  return true;
+}
+
+// a^T b as at_b_cpu below, for float16 a and b: both converted to float32, the float32 result
+// returned (the driver adds it into its float16 gradient, rounding once).
+at::Tensor at_b_cpu_f16(const at::Tensor& a, const at::Tensor& b) {
+  if (gemm_kernels() == nullptr) return {};
+  const auto af = a.to(at::kFloat), bf = b.to(at::kFloat);
+  auto r = at_b_cpu_f32(af, bf);
+  return r.defined() ? r : at::mm(af.t(), bf);
+}
+
+// The CellKernels at_b hook: float32 and float16 here, the rest left to ATen.
+at::Tensor at_b_cpu(const at::Tensor& a, const at::Tensor& b) {
+  return a.scalar_type() == at::kHalf ? at_b_cpu_f16(a, b) : at_b_cpu_f32(a, b);
+}
+
 // c = a b (+ bias on every row) for float32 a (M, K) with unit column stride, b (K, Nc) of
 // any strides and c (M, Nc) contiguous, on an AVX2/AVX-512 CPU: the input projection (b =
 // W_ih^T) and dx (b = W_ih) through the packed kernels. False, with c untouched, otherwise.
 bool mm_cpu(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, const at::Tensor* bias) {
+  if (a.scalar_type() == at::kHalf) return mm_cpu_f16(c, a, b, bias);
   if (a.scalar_type() != at::kFloat || a.stride(1) != 1 || !c.is_contiguous()) return false;
   const int64_t M = a.size(0);
   if (M < kMinPackedRows) return false;

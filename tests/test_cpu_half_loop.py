@@ -1,0 +1,119 @@
+"""The CPU time loop of the half types (bfloat16, float16; csrc/lstm_cpu.cpp): storage in the
+op's dtype, each row block's steps in float32 scratch.
+
+Accuracy is judged as everywhere for these types: against the float64 reference, within a few
+times the error that the same reference computed in the half type makes (the cost of rounding
+to it), or a floor of 16 unit roundoffs. Shape vocabulary: T time, N batch, I input, H hidden,
+P projection.
+"""
+
+import pytest
+import torch
+
+import handlstm_cuda as hl
+from handlstm_cuda import reference
+
+from conftest import make_args, packed_batch_sizes
+
+HALF_TYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="f16")]
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+# (T, N, I, H, P, lengths of a packed batch or None, reverse)
+CASES = {
+    "T1-N1-H1": (1, 1, 1, 1, 0, None, False),
+    "H33-I4": (6, 5, 4, 33, 0, None, False),
+    "three-blocks": (9, 48, 7, 20, 0, None, False),  # 16-row blocks, one per thread
+    "long-T200": (200, 3, 5, 24, 0, None, False),
+    "projection": (5, 4, 3, 20, 7, None, False),
+    "projection-reverse": (5, 4, 3, 20, 7, None, True),
+    "packed": (7, 6, 3, 17, 0, [7, 7, 5, 3, 3, 1], False),
+    "packed-reverse": (7, 6, 3, 17, 0, [7, 7, 5, 3, 3, 1], True),
+    "packed-projection": (6, 4, 2, 9, 4, [6, 4, 4, 2], False),
+}
+
+
+@pytest.fixture
+def threads():
+    """Restores torch's thread count after a test that sets it."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _outputs_and_grads(fn, args, **kw):
+    """fn's three outputs and the gradients of every given argument for a fixed random loss,
+    all as float64."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in args]
+    outs = fn(*leaves[:6], weight_hr=leaves[6], **kw)
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in outs]
+    grads = torch.autograd.grad(outs, [t for t in leaves if t is not None], weights)
+    return [t.detach().double() for t in list(outs) + list(grads)]
+
+
+def _case(name, dtype, seed=1):
+    T, N, I, H, P, lengths, reverse = CASES[name]
+    kw = dict(reverse=reverse)
+    if lengths is not None:
+        kw["batch_sizes"] = packed_batch_sizes(lengths)
+    args64 = make_args(T, N, I, H, P, seed=seed, requires_grad=False)
+    low = [None if t is None else t.to(dtype) for t in args64]
+    return args64, low, kw
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+@pytest.mark.parametrize("name", list(CASES))
+def test_half_loop_matches_float64_within_rounding(name, dtype):
+    args64, low, kw = _case(name, dtype)
+    exact = _outputs_and_grads(reference.lstm, args64, **kw)
+    baseline = _outputs_and_grads(reference.lstm, low, **kw)
+    ours = _outputs_and_grads(hl.lstm, low, **kw)
+    names = ["output", "h_n", "c_n", "grad input", "grad h0", "grad c0", "grad weight_ih",
+             "grad weight_hh", "grad bias", "grad weight_hr"]
+    for what, o, b, e in zip(names, ours, baseline, exact):
+        scale = max(1.0, e.abs().max().item())
+        err = (o - e).abs().max().item()
+        base_err = (b - e).abs().max().item()
+        bound = max(16 * UNIT_ROUNDOFF[dtype] * scale, 4 * base_err)
+        assert err <= bound, f"{what}: error {err:.3g}, the baseline's {base_err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+def test_half_loop_output_dtypes_and_no_nan(dtype):
+    """The results come back in the op's dtype; a saturating input stays finite."""
+    args64, low, _ = _case("H33-I4", dtype)
+    low[0] = low[0] * 200
+    out, h_n, c_n = hl.lstm(*low[:6])
+    for t in (out, h_n, c_n):
+        assert t.dtype == dtype
+        assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+def test_half_loop_does_not_depend_on_the_thread_count(dtype, threads):
+    """Row blocks follow the thread count; each element's sums do not (fixed-order float32
+    kernels), so one thread and two give the same bits, gradients included."""
+    _, low, _ = _case("three-blocks", dtype)
+    torch.set_num_threads(1)
+    one = _outputs_and_grads(hl.lstm, low)
+    torch.set_num_threads(2)
+    two = _outputs_and_grads(hl.lstm, low)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+def test_half_loop_module_matches_nn_lstm_on_the_same_weights(dtype):
+    """The drop-in module in a half type against nn.LSTM in float64 on the same (rounded)
+    weights and input: within the rounding budget of nn.LSTM run in that type."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(5, 12, num_layers=2, bidirectional=True).to(dtype)
+    ours = hl.LSTM(5, 12, num_layers=2, bidirectional=True).to(dtype)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(11, 3, 5).to(dtype)
+    exact = torch.nn.LSTM(5, 12, num_layers=2, bidirectional=True).double()
+    exact.load_state_dict({k: v.double() for k, v in ref.state_dict().items()})
+    e = exact(x.double())[0]
+    err = (ours(x)[0].double() - e).abs().max().item()
+    base_err = (ref(x)[0].double() - e).abs().max().item()
+    assert err <= max(16 * UNIT_ROUNDOFF[dtype], 4 * base_err), (err, base_err)
