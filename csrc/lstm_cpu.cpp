@@ -29,7 +29,10 @@ Isa detect_isa() {
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
     return Isa::kAvx512;
   }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c")) {
+    return Isa::kAvx2;
+  }
 #endif
   return Isa::kScalar;
 }
@@ -382,13 +385,24 @@ void backward_block(const LoopArgs& a, const LoopWeights<T>& lw, int64_t r0, int
 // those did: neither a step GEMM's sum nor a carried state is rounded before it is used. The
 // backward reads the saved (rounded) gates and cells, as every path of the op does.
 
-// dst[k] = float(src[k]) / dst[k] = T(src[k]) (round to nearest even), k < count.
+// dst[k] = float(src[k]) / dst[k] = T(src[k]) (round to nearest even), k < count: the SIMD
+// units' conversions where the CPU runs them, else c10's.
 template <typename T>
 void to_float(const T* src, float* dst, int64_t count) {
+  switch (active_isa().load(std::memory_order_relaxed)) {
+    case Isa::kAvx512: return cpu::to_float_avx512(src, dst, count);
+    case Isa::kAvx2: return cpu::to_float_avx2(src, dst, count);
+    case Isa::kScalar: break;
+  }
   for (int64_t k = 0; k < count; ++k) dst[k] = static_cast<float>(src[k]);
 }
 template <typename T>
 void from_float(const float* src, T* dst, int64_t count) {
+  switch (active_isa().load(std::memory_order_relaxed)) {
+    case Isa::kAvx512: return cpu::from_float_avx512(src, dst, count);
+    case Isa::kAvx2: return cpu::from_float_avx2(src, dst, count);
+    case Isa::kScalar: break;
+  }
   for (int64_t k = 0; k < count; ++k) dst[k] = static_cast<T>(src[k]);
 }
 
@@ -701,6 +715,36 @@ void set_cpu_pointwise_path(const std::string& name) {
   TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(detect_isa()),
               "set_cpu_pointwise_path: this CPU cannot run '", name, "'");
   active_isa().store(want);
+}
+
+// src (contiguous, CPU) converted by the half-type loop's conversions on the active path:
+// float32 to `dtype` (bfloat16 or float16), or a half type to float32 (tests compare them
+// with torch's .to() bit for bit).
+at::Tensor cpu_convert_for_tests(const at::Tensor& src, at::ScalarType dtype) {
+  TORCH_CHECK(src.device().is_cpu() && src.is_contiguous(),
+              "cpu_convert_for_tests: expected a contiguous CPU tensor");
+  const bool half_in = src.scalar_type() == at::kBFloat16 || src.scalar_type() == at::kHalf;
+  const bool half_out = dtype == at::kBFloat16 || dtype == at::kHalf;
+  TORCH_CHECK((half_in && dtype == at::kFloat) || (src.scalar_type() == at::kFloat && half_out),
+              "cpu_convert_for_tests: expected float32 to a half type or back, got ",
+              src.scalar_type(), " to ", dtype);
+  auto out = at::empty(src.sizes(), src.options().dtype(dtype));
+  AT_DISPATCH_SWITCH(half_in ? src.scalar_type() : dtype, "cpu_convert_for_tests",
+    AT_DISPATCH_CASE(at::kBFloat16, [&] {
+      if (half_in) {
+        to_float(src.const_data_ptr<scalar_t>(), out.mutable_data_ptr<float>(), src.numel());
+      } else {
+        from_float(src.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), src.numel());
+      }
+    })
+    AT_DISPATCH_CASE(at::kHalf, [&] {
+      if (half_in) {
+        to_float(src.const_data_ptr<scalar_t>(), out.mutable_data_ptr<float>(), src.numel());
+      } else {
+        from_float(src.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), src.numel());
+      }
+    }));
+  return out;
 }
 
 TORCH_LIBRARY_IMPL(handlstm, CPU, m) {

@@ -13,6 +13,7 @@
 namespace handlstm {
 const char* cpu_pointwise_path();
 void set_cpu_pointwise_path(const std::string& name);
+at::Tensor cpu_convert_for_tests(const at::Tensor& src, at::ScalarType dtype);
 
 namespace {
 std::atomic<bool> cooperative_only_flag{false};
@@ -91,6 +92,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The CPU pointwise path in use: 'avx512', 'avx2' or 'scalar' (chosen at load time).");
   m.def("_set_cpu_pointwise_path", &handlstm::set_cpu_pointwise_path,
         "Use a narrower CPU pointwise path (tests run every path the CPU has).");
+  m.def("_cpu_convert", &handlstm::cpu_convert_for_tests,
+        "Float32 to bfloat16/float16 or back by the CPU half-type loop's conversions on the "
+        "active path (tests).");
   m.def("_cuda_loop_mode", [] { return static_cast<int>(handlstm::cuda_loop_mode()); },
         "Which time loop CUDA calls take: 0 generic, 1 persistent, 2 auto (by crossovers), "
         "3 graph (the generic loop replayed from a CUDA graph).");

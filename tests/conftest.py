@@ -35,6 +35,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(params=["avx512", "avx2", "scalar"])
+def cpu_path(request):
+    """Runs the test on one of the CPU SIMD paths (units chosen at run time: pointwise kernels,
+    GEMMs, half-type conversions); paths this CPU cannot run are skipped."""
+    import handlstm_cuda as hl  # here, not at the top: see HANDLSTM_CUDA_KERNELS above
+    from handlstm_cuda import _C
+
+    before = hl.cpu_pointwise_path()
+    try:
+        _C._set_cpu_pointwise_path(request.param)
+    except RuntimeError:
+        pytest.skip(f"this CPU cannot run the {request.param} path")
+    yield request.param
+    _C._set_cpu_pointwise_path(before)
+
+
 def device_params():
     """cpu always, cuda as a marked parameter (skipped without a GPU)."""
     return [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]

@@ -117,3 +117,39 @@ def test_half_loop_module_matches_nn_lstm_on_the_same_weights(dtype):
     err = (ours(x)[0].double() - e).abs().max().item()
     base_err = (ref(x)[0].double() - e).abs().max().item()
     assert err <= max(16 * UNIT_ROUNDOFF[dtype], 4 * base_err), (err, base_err)
+
+
+def _same_bits(a, b):
+    """Equal bit for bit, except that any NaN matches any NaN (payloads may differ)."""
+    nan = torch.isnan(a.float())
+    assert torch.equal(nan, torch.isnan(b.float()))
+    ints = {2: torch.int16, 4: torch.int32}[a.element_size()]
+    assert torch.equal(a[~nan].view(ints), b[~nan].view(ints))
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+def test_half_conversions_match_torch_bit_for_bit(cpu_path, dtype):
+    """The loop's SIMD conversions (16 and 8 lanes, scalar tails) against torch's .to():
+    every 16-bit pattern to float32, and back from float32 for random bit patterns of every
+    exponent, exact ties (round to even), zeros, infinities, NaN, subnormals and values beyond
+    the half type's range. Lengths are not multiples of 16, so the tails run too."""
+    from handlstm_cuda import _C
+
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)[:-3]
+    _same_bits(_C._cpu_convert(every.contiguous(), torch.float32), every.float())
+
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2 ** 31, 2 ** 31 - 1, (100_003,), generator=g, dtype=torch.int64)
+    floats = bits.to(torch.int32).view(torch.float32)
+    # Exactly halfway between neighbours of the half type (float32 holds the midpoint), for
+    # both parities of the lower one, with both signs.
+    positive = torch.arange(0, 32767, dtype=torch.int32).to(torch.int16)
+    a, b = positive[:-1].view(dtype).float(), positive[1:].view(dtype).float()
+    finite = torch.isfinite(b)
+    ties = (a[finite] + b[finite]) / 2
+    ties = torch.cat([ties, -ties])
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -1e-40,
+                            65504.0, 65520.0, 70000.0, 3.0e38, -3.0e38, 1.0e-8, 6.0e-8])
+    for x in (floats, ties, special):
+        x = x.contiguous()
+        _same_bits(_C._cpu_convert(x, dtype), x.to(dtype))

@@ -14,6 +14,9 @@
 #include <cstdint>
 #include <type_traits>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include "../gate_math.h"
 
 namespace handlstm {
@@ -135,6 +138,18 @@ void forward_rows_avx512(const ForwardRows<float>& p, int64_t begin, int64_t end
 void forward_rows_avx512(const ForwardRows<double>& p, int64_t begin, int64_t end);
 void backward_rows_avx512(const BackwardRows<float>& p, int64_t begin, int64_t end);
 void backward_rows_avx512(const BackwardRows<double>& p, int64_t begin, int64_t end);
+
+// Half types to and from float32 (the half-type time loop's scratch), rounding to nearest
+// even as c10's conversions do; same units and conditions as above (the AVX2 unit also needs
+// F16C, which every AVX2 CPU has and lstm_cpu.cpp checks).
+void to_float_avx2(const c10::BFloat16* src, float* dst, int64_t count);
+void to_float_avx2(const c10::Half* src, float* dst, int64_t count);
+void from_float_avx2(const float* src, c10::BFloat16* dst, int64_t count);
+void from_float_avx2(const float* src, c10::Half* dst, int64_t count);
+void to_float_avx512(const c10::BFloat16* src, float* dst, int64_t count);
+void to_float_avx512(const c10::Half* src, float* dst, int64_t count);
+void from_float_avx512(const float* src, c10::BFloat16* dst, int64_t count);
+void from_float_avx512(const float* src, c10::Half* dst, int64_t count);
 
 }  // namespace cpu
 }  // namespace handlstm

@@ -74,6 +74,52 @@ struct Avx512Ops {
   }
 };
 
+// Half types to and from float32, 16 lanes at a time (cell_cpu.h); the tail through c10's
+// scalar conversions, which round the same way (to nearest even; a NaN stays a NaN).
+void to_float_avx512(const c10::BFloat16* src, float* dst, int64_t count) {
+  int64_t k = 0;
+  for (; k + 16 <= count; k += 16) {
+    const __m512i w =
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k)));
+    _mm512_storeu_ps(dst + k, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+  }
+  for (; k < count; ++k) dst[k] = static_cast<float>(src[k]);
+}
+
+void from_float_avx512(const float* src, c10::BFloat16* dst, int64_t count) {
+  int64_t k = 0;
+  const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+  for (; k + 16 <= count; k += 16) {
+    const __m512 v = _mm512_loadu_ps(src + k);
+    const __m512i b = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), one);
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(bias, odd)), 16);
+    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r,
+                                _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), _mm512_cvtepi32_epi16(r));
+  }
+  for (; k < count; ++k) dst[k] = static_cast<c10::BFloat16>(src[k]);
+}
+
+void to_float_avx512(const c10::Half* src, float* dst, int64_t count) {
+  int64_t k = 0;
+  for (; k + 16 <= count; k += 16) {
+    _mm512_storeu_ps(dst + k,
+                     _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k))));
+  }
+  for (; k < count; ++k) dst[k] = static_cast<float>(src[k]);
+}
+
+void from_float_avx512(const float* src, c10::Half* dst, int64_t count) {
+  int64_t k = 0;
+  for (; k + 16 <= count; k += 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(src + k),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  for (; k < count; ++k) dst[k] = static_cast<c10::Half>(src[k]);
+}
+
 }  // namespace cpu
 
 // float: exp is cephes_exp on 16 lanes; SLEEF's out-of-line expf took 11% of a float32
