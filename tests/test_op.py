@@ -201,24 +201,6 @@ def test_low_precision_error_relative_to_baseline(device, dtype):
         assert err_ours <= 2.0 * err_base + 1e-3, (err_ours, err_base)
 
 
-CPU_PATHS = ["avx512", "avx2", "scalar"]
-
-
-@pytest.fixture(params=CPU_PATHS)
-def cpu_path(request):
-    """Runs the test on one of the CPU pointwise paths (SIMD units chosen at run time); paths
-    this CPU cannot run are skipped."""
-    from handlstm_cuda import _C
-
-    before = hl.cpu_pointwise_path()
-    try:
-        _C._set_cpu_pointwise_path(request.param)
-    except RuntimeError:
-        pytest.skip(f"this CPU cannot run the {request.param} path")
-    yield request.param
-    _C._set_cpu_pointwise_path(before)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_every_cpu_path_matches_reference(cpu_path, dtype):
     """H = 37: one 16-lane and one 8-lane block plus a scalar tail on every SIMD path."""
