@@ -69,7 +69,7 @@ def extensions():
     use_cuda, why = want_cuda()
     debug = os.environ.get("HANDLSTM_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    # The ISA units (cell_cpu_avx2/avx512) stay last: where shared headers leave a weak symbol
+    # The ISA units (cell_cpu_avx2/avx512, gemm_cpu_bf16) stay last: where shared headers leave a weak symbol
     # in every unit (std::exp(float) in a -O0 build), the linker keeps the first definition, so
     # the generic code never gets a copy compiled for AVX-512. Our own headers put their code
     # in a namespace per ISA unit (see gate_math.h).
@@ -80,6 +80,7 @@ def extensions():
         "csrc/cuda_loop_choice.cpp",
         "csrc/cpu/cell_cpu_avx2.cpp",
         "csrc/cpu/cell_cpu_avx512.cpp",
+        "csrc/cpu/gemm_cpu_bf16.cpp",
     ]
     # ATen's vector headers carry `#pragma unroll` hints that GCC does not know.
     cxx = list(opt) + ["-Wno-unknown-pragmas"]

@@ -15,6 +15,7 @@
 
 #include "cpu/cell_cpu.h"
 #include "cpu/gemm_cpu.h"
+#include "cpu/gemm_cpu_bf16.h"
 #include "lstm.h"
 
 namespace handlstm {
@@ -207,35 +208,82 @@ PackedB pack_b(const at::Tensor& b) {
   return pb;
 }
 
-// C (M x Nc, row stride ldc) = (accumulate ? C : 0) + A (M x K, row stride lda) B. Outside a
-// row block the work is split among the threads, one contiguous range each: of rows when
-// every thread gets two chunks of 8 rows at least, else of column panels. Below 128k
-// multiply-adds in all a thread hand-off costs more than it saves; inside a block (or with one
-// thread) it is one call.
-void run_packed(const PackedB& pb, int64_t M, const float* A, int64_t lda, float* C,
-                int64_t ldc, bool accumulate) {
+// Runs kernel(m0, m1, p0, p1) over rows [0, M) and column panels [0, panels) of a product of
+// M x K by K x Nc. Outside a row block the work is split among the threads, one contiguous
+// range each: of rows when every thread gets two chunks of 8 rows at least, else of column
+// panels. Below 128k multiply-adds in all a thread hand-off costs more than it saves; inside a
+// block (or with one thread) it is one call.
+template <typename Kernel>
+void split_packed(int64_t M, int64_t K, int64_t Nc, int64_t panels, const Kernel& kernel) {
   if (M == 0) return;
-  const float* bp = pb.panels.const_data_ptr<float>();
-  const int64_t NR = cpu::panel_width(pb.Nc, pb.lanes);
-  const int64_t panels = (pb.Nc + NR - 1) / NR;
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const int64_t work = M * pb.K * pb.Nc;
-  if (threads == 1 || work < 2 * 65536) {
-    pb.kernel(0, M, 0, panels, pb.Nc, pb.K, A, lda, bp, C, ldc, accumulate);
-    return;
-  }
+  if (threads == 1 || M * K * Nc < 2 * 65536) return kernel(0, M, 0, panels);
   constexpr int64_t kTile = 8;
   const int64_t tiles = (M + kTile - 1) / kTile;
   if (tiles >= 2 * threads || panels == 1) {
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      pb.kernel(t0 * kTile, std::min(M, t1 * kTile), 0, panels, pb.Nc, pb.K, A, lda, bp, C,
-                ldc, accumulate);
+      kernel(t0 * kTile, std::min(M, t1 * kTile), 0, panels);
     });
   } else {
-    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-      pb.kernel(0, M, p0, p1, pb.Nc, pb.K, A, lda, bp, C, ldc, accumulate);
-    });
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) { kernel(0, M, p0, p1); });
   }
+}
+
+// C (M x Nc, row stride ldc) = (accumulate ? C : 0) + A (M x K, row stride lda) B.
+void run_packed(const PackedB& pb, int64_t M, const float* A, int64_t lda, float* C,
+                int64_t ldc, bool accumulate) {
+  const float* bp = pb.panels.const_data_ptr<float>();
+  const int64_t NR = cpu::panel_width(pb.Nc, pb.lanes);
+  split_packed(M, pb.K, pb.Nc, (pb.Nc + NR - 1) / NR,
+               [&](int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+                 pb.kernel(m0, m1, p0, p1, pb.Nc, pb.K, A, lda, bp, C, ldc, accumulate);
+               });
+}
+
+// ---- The bfloat16 step GEMM (cpu/gemm_cpu_bf16.cpp) -----------------------------------------
+
+// Whether this CPU multiplies bfloat16 pairs (AVX-512 BF16) and the AVX-512 path is active
+// (tests narrow the path; the narrower paths never use it).
+bool cpu_has_bf16_dot() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has && active_isa().load(std::memory_order_relaxed) == Isa::kAvx512;
+#else
+  return false;
+#endif
+}
+
+// A bfloat16 weight B (K x Nc) packed for cpu::gemm_packed_bf16; K = 0 when unused.
+struct PackedBf16 {
+  at::Tensor panels;  // int16 holding bfloat16 bits, cpu::packed_size_bf16(K, Nc) elements
+  int64_t K = 0, Nc = 0;
+};
+
+// Packs b (K x Nc, any strides, bfloat16).
+PackedBf16 pack_b_bf16(const at::Tensor& b) {
+  PackedBf16 pb{at::empty({cpu::packed_size_bf16(b.size(0), b.size(1))},
+                          b.options().dtype(at::kShort)),
+                b.size(0), b.size(1)};
+  const auto* src = reinterpret_cast<const uint16_t*>(b.const_data_ptr<at::BFloat16>());
+  auto* dst = reinterpret_cast<uint16_t*>(pb.panels.mutable_data_ptr<int16_t>());
+  const int64_t panels = (pb.Nc + cpu::kBf16PanelWidth - 1) / cpu::kBf16PanelWidth;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    cpu::pack_panels_bf16(src, b.stride(0), b.stride(1), pb.K, pb.Nc, dst, p0, p1);
+  });
+  return pb;
+}
+
+// C (M x Nc, float32, row stride ldc) = (accumulate ? C : 0) + A B for bfloat16 rows A (row
+// stride lda, each padded to an even length with a zero).
+void run_packed_bf16(const PackedBf16& pb, int64_t M, const at::BFloat16* A, int64_t lda,
+                     float* C, int64_t ldc, bool accumulate) {
+  const auto* bp = reinterpret_cast<const uint16_t*>(pb.panels.const_data_ptr<int16_t>());
+  const auto* a = reinterpret_cast<const uint16_t*>(A);
+  split_packed(M, pb.K, pb.Nc, (pb.Nc + cpu::kBf16PanelWidth - 1) / cpu::kBf16PanelWidth,
+               [&](int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+                 cpu::gemm_packed_bf16(m0, m1, p0, p1, pb.Nc, pb.K, a, lda, bp, C, ldc,
+                                       accumulate);
+               });
 }
 
 // One weight of the time loop and how a step multiplies by it: C (M x Nc) = (accumulate ? C :
@@ -293,6 +341,7 @@ bool blas_sizes_ok(const LoopArgs& a) {
 template <typename T>
 struct LoopWeights {
   StepWeight<T> hh, hr;
+  PackedBf16 hh16;  // bfloat16 calls on an AVX-512 BF16 CPU: op(W_hh) for the dot products
 };
 
 // The weights as T (converted from the op's dtype when that differs: float32 steps of a
@@ -300,8 +349,11 @@ struct LoopWeights {
 template <typename T>
 LoopWeights<T> loop_weights(const LoopArgs& a, bool forward) {
   const auto as_t = [](const at::Tensor& w) { return w.to(c10::CppTypeToScalarType<T>::value); };
-  LoopWeights<T> lw{step_weight<T>(as_t(a.w_hh), forward), {}};
+  LoopWeights<T> lw{step_weight<T>(as_t(a.w_hh), forward), {}, {}};
   if (a.proj) lw.hr = step_weight<T>(as_t(a.w_hr), forward);
+  if (a.w_hh.scalar_type() == at::kBFloat16 && cpu_has_bf16_dot()) {
+    lw.hh16 = pack_b_bf16(forward ? a.w_hh.t() : a.w_hh);
+  }
   return lw;
 }
 
@@ -431,15 +483,26 @@ void forward_block_half(const LoopArgs& a, const LoopWeights<float>& lw, int64_t
   T* out = a.output.data_ptr<T>();
   T* m_store = a.proj ? a.proj_in.data_ptr<T>() : out;
 
-  Scratch sc(R * (G + 3 * H + (a.proj ? 2 : 1) * Hout));
+  // With bfloat16 dot products (lw.hh16), the step GEMM reads h and h0 as bfloat16 rows of
+  // Kp values (Hout, padded to even with a zero): h rounded as the output stores it.
+  const bool dot16 = lw.hh16.K > 0;
+  const int64_t Kp = Hout + Hout % 2;
+  Scratch sc(R * (G + 3 * H + (a.proj ? 2 : 1) * Hout + (dot16 ? Kp : 0)));
   float* g = sc.take(R, G);        // this step's gate rows
   float* c = sc.take(R, H);        // c of each row's latest step (the carry), written in place
   float* c0 = sc.take(R, H);
   float* m = sc.take(R, H);        // o * tanh(c)
   float* h0 = sc.take(R, Hout);
   float* h = a.proj ? sc.take(R, Hout) : m;  // h of each row's latest step (the carry)
+  // Two bfloat16 (R x Kp) in the floats of one (R x Kp) slice; zeroed, so the pads stay zero.
+  auto* hb = dot16 ? reinterpret_cast<at::BFloat16*>(sc.take(R, Kp)) : nullptr;
+  at::BFloat16* h0b = dot16 ? hb + R * Kp : nullptr;
+  const auto rows_to_bf16 = [&](const float* src, at::BFloat16* dst, int64_t rows) {
+    for (int64_t r = 0; r < rows; ++r) from_float(src + r * Hout, dst + r * Kp, Hout);
+  };
   to_float(a.c0.const_data_ptr<T>() + r0 * H, c0, R * H);
   to_float(a.h0.const_data_ptr<T>() + r0 * Hout, h0, R * Hout);
+  if (dot16) rows_to_bf16(h0, h0b, R);
 
   for (int64_t s = 0; s < sch.T; ++s) {
     const int64_t t = sch.time(s);
@@ -449,8 +512,14 @@ void forward_block_half(const LoopArgs& a, const LoopWeights<float>& lw, int64_t
     to_float(gates + row0 * G, g, n * G);
     // Rows [0, n_cont) continue from h; the GEMM reads all of h before the pointwise pass
     // overwrites m (which is h without projection).
-    if (n_cont > 0) lw.hh(n_cont, h, Hout, g, G, true);
-    lw.hh(n - n_cont, h0 + n_cont * Hout, Hout, g + n_cont * G, G, true);
+    if (dot16) {
+      rows_to_bf16(h, hb, n_cont);
+      run_packed_bf16(lw.hh16, n_cont, hb, Kp, g, G, true);
+      run_packed_bf16(lw.hh16, n - n_cont, h0b + n_cont * Kp, Kp, g + n_cont * G, G, true);
+    } else {
+      if (n_cont > 0) lw.hh(n_cont, h, Hout, g, G, true);
+      lw.hh(n - n_cont, h0 + n_cont * Hout, Hout, g + n_cont * G, G, true);
+    }
 
     const cpu::ForwardRows<float> p{g, c, c0, c, m, H, n_cont};
     at::parallel_for(0, n, grain_rows(H),
@@ -516,7 +585,13 @@ void backward_block_half(const LoopArgs& a, const LoopWeights<float>& lw, int64_
     at::parallel_for(0, n, grain_rows(H),
                      [&](int64_t b, int64_t e) { backward_rows_best<float>(p, b, e); });
     from_float(dg, dgates + row0 * G, n * G);
-    lw.hh(n, dg, G, dh, Hout, false);
+    if (lw.hh16.K > 0) {
+      // bfloat16 dot products read the stored (rounded) gradients, as the weight gradients do.
+      run_packed_bf16(lw.hh16, n, reinterpret_cast<const at::BFloat16*>(dgates + row0 * G), G,
+                      dh, Hout, false);
+    } else {
+      lw.hh(n, dg, G, dh, Hout, false);
+    }
   }
   // The carries end as the gradients of h0 and c0 (rows never active keep what came in).
   from_float(dh, a.dh.data_ptr<T>() + r0 * Hout, R * Hout);

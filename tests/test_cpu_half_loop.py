@@ -1,5 +1,6 @@
 """The CPU time loop of the half types (bfloat16, float16; csrc/lstm_cpu.cpp): storage in the
-op's dtype, each row block's steps in float32 scratch.
+op's dtype, each row block's steps in float32 scratch, bfloat16's step GEMMs on bfloat16 dot
+products where the CPU has them (csrc/cpu/gemm_cpu_bf16.cpp).
 
 Accuracy is judged as everywhere for these types: against the float64 reference, within a few
 times the error that the same reference computed in the half type makes (the cost of rounding
@@ -63,7 +64,9 @@ def _case(name, dtype, seed=1):
 
 @pytest.mark.parametrize("dtype", HALF_TYPES)
 @pytest.mark.parametrize("name", list(CASES))
-def test_half_loop_matches_float64_within_rounding(name, dtype):
+def test_half_loop_matches_float64_within_rounding(name, dtype, cpu_path):
+    """On every SIMD path this CPU has: on AVX-512 with AVX-512 BF16, bfloat16's step GEMMs
+    multiply bfloat16 pairs; elsewhere, and for float16, they run in float32."""
     args64, low, kw = _case(name, dtype)
     exact = _outputs_and_grads(reference.lstm, args64, **kw)
     baseline = _outputs_and_grads(reference.lstm, low, **kw)
