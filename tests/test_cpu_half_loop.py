@@ -156,3 +156,26 @@ def test_half_conversions_match_torch_bit_for_bit(cpu_path, dtype):
     for x in (floats, ties, special):
         x = x.contiguous()
         _same_bits(_C._cpu_convert(x, dtype), x.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+def test_half_loop_nan_and_saturating_rows_stay_in_their_rows(dtype, cpu_path):
+    """A NaN input at one step of row 5 and inputs of 300 in every step of row 20 (one in each
+    of the first two 16-row blocks): row 5 is NaN from that step on and untouched before it,
+    row 20 saturates and stays finite, and every other row's values and per-row gradients are
+    bit for bit what they are without the two."""
+    _, low, _ = _case("three-blocks", dtype)
+    x = low[0].clone()
+    x[3, 5, 0] = float("nan")
+    x[:, 20] = 300
+    odd = _outputs_and_grads(hl.lstm, [x] + low[1:])
+    base = _outputs_and_grads(hl.lstm, low)
+    out, h_n, c_n, dx, dh0, dc0 = odd[:6]
+    others = [r for r in range(x.shape[1]) if r not in (5, 20)]
+    for a, b in zip(odd[:6], base[:6]):
+        rows = (a[:, others], b[:, others]) if a.dim() == 3 else (a[others], b[others])
+        assert torch.equal(*rows)
+    assert torch.equal(out[:3, 5], base[0][:3, 5])
+    assert out[3:, 5].isnan().all() and h_n[5].isnan().all() and c_n[5].isnan().all()
+    for t in (out[:, 20], h_n[20], c_n[20], dx[:, 20], dh0[20], dc0[20]):
+        assert torch.isfinite(t).all()
