@@ -435,7 +435,10 @@ void backward_block(const LoopArgs& a, const LoopWeights<T>& lw, int64_t r0, int
 // to the next and rounded to the dtype only where it is stored. So a half-type call runs at
 // the float32 loop's speed instead of several ATen calls per step, and it rounds less than
 // those did: neither a step GEMM's sum nor a carried state is rounded before it is used. The
-// backward reads the saved (rounded) gates and cells, as every path of the op does.
+// backward reads the saved (rounded) gates and cells, as every path of the op does. One
+// exception: on a CPU with AVX-512 BF16, bfloat16's W_hh GEMMs multiply bfloat16 pairs
+// (cpu/gemm_cpu_bf16.cpp, twice float32's rate), reading h, and in the backward the gate
+// gradients, rounded to bfloat16 as they are stored.
 
 // dst[k] = float(src[k]) / dst[k] = T(src[k]) (round to nearest even), k < count: the SIMD
 // units' conversions where the CPU runs them, else c10's.
