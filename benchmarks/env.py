@@ -113,7 +113,8 @@ def git_describe():
 
 
 def ours_description(hl):
-    """Version, CUDA kernels and build time of the extension, read when it is imported."""
+    """Version, CUDA kernels, CPU SIMD path (and whether bfloat16 multiplies bfloat16 pairs)
+    and build time of the extension, read when it is imported."""
     parts = [str(getattr(hl, "__version__", "version unknown"))]
     has = getattr(hl, "has_cuda_kernels", None)
     if has is not None:
@@ -121,6 +122,12 @@ def ours_description(hl):
     loop = getattr(hl, "cuda_time_loop", None)
     if has is not None and has() and loop is not None:
         parts.append(f"cuda_time_loop={loop()}")
+    path = getattr(hl, "cpu_pointwise_path", None)
+    if path is not None:
+        parts.append(f"cpu_path={path()}")
+    dot = getattr(getattr(hl, "_C", None), "_cpu_bf16_dot", None)
+    if dot is not None:
+        parts.append(f"cpu_bf16_dot_products={dot()}")
     native = getattr(getattr(hl, "_C", None), "__file__", None)
     if native:
         built = datetime.datetime.fromtimestamp(os.path.getmtime(native)).astimezone()

@@ -785,6 +785,9 @@ const char* cpu_pointwise_path() {
   return names[static_cast<int>(active_isa().load())];
 }
 
+// Whether bfloat16 calls multiply bfloat16 pairs in their step GEMMs (AVX-512 BF16).
+bool cpu_bf16_dot_products() { return cpu_has_bf16_dot(); }
+
 // Picks a pointwise path no wider than the CPU supports (for tests of every path).
 void set_cpu_pointwise_path(const std::string& name) {
   const Isa want = name == "avx512" ? Isa::kAvx512 : name == "avx2" ? Isa::kAvx2 : Isa::kScalar;

@@ -14,6 +14,7 @@ namespace handlstm {
 const char* cpu_pointwise_path();
 void set_cpu_pointwise_path(const std::string& name);
 at::Tensor cpu_convert_for_tests(const at::Tensor& src, at::ScalarType dtype);
+bool cpu_bf16_dot_products();
 
 namespace {
 std::atomic<bool> cooperative_only_flag{false};
@@ -92,6 +93,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The CPU pointwise path in use: 'avx512', 'avx2' or 'scalar' (chosen at load time).");
   m.def("_set_cpu_pointwise_path", &handlstm::set_cpu_pointwise_path,
         "Use a narrower CPU pointwise path (tests run every path the CPU has).");
+  m.def("_cpu_bf16_dot", &handlstm::cpu_bf16_dot_products,
+        "Whether bfloat16 CPU calls multiply bfloat16 pairs in their step GEMMs (AVX-512 BF16 "
+        "and the AVX-512 path active).");
   m.def("_cpu_convert", &handlstm::cpu_convert_for_tests,
         "Float32 to bfloat16/float16 or back by the CPU half-type loop's conversions on the "
         "active path (tests).");

@@ -8,6 +8,8 @@ to it), or a floor of 16 unit roundoffs. Shape vocabulary: T time, N batch, I in
 P projection.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -179,3 +181,14 @@ def test_half_loop_nan_and_saturating_rows_stay_in_their_rows(dtype, cpu_path):
     assert out[3:, 5].isnan().all() and h_n[5].isnan().all() and c_n[5].isnan().all()
     for t in (out[:, 20], h_n[20], c_n[20], dx[:, 20], dh0[20], dc0[20]):
         assert torch.isfinite(t).all()
+
+
+def test_bf16_dot_products_follow_the_cpu_and_the_path(cpu_path):
+    """Used exactly where the CPU has AVX-512 BF16 and the AVX-512 path is active."""
+    from handlstm_cuda import _C
+
+    if not os.path.exists("/proc/cpuinfo"):
+        pytest.skip("no /proc/cpuinfo to read the CPU's features from")
+    with open("/proc/cpuinfo") as f:
+        flags = f.read().split()
+    assert _C._cpu_bf16_dot() == (cpu_path == "avx512" and "avx512_bf16" in flags)
