@@ -349,11 +349,13 @@ struct LoopWeights {
 template <typename T>
 LoopWeights<T> loop_weights(const LoopArgs& a, bool forward) {
   const auto as_t = [](const at::Tensor& w) { return w.to(c10::CppTypeToScalarType<T>::value); };
-  LoopWeights<T> lw{step_weight<T>(as_t(a.w_hh), forward), {}, {}};
-  if (a.proj) lw.hr = step_weight<T>(as_t(a.w_hr), forward);
+  LoopWeights<T> lw{};
   if (a.w_hh.scalar_type() == at::kBFloat16 && cpu_has_bf16_dot()) {
-    lw.hh16 = pack_b_bf16(forward ? a.w_hh.t() : a.w_hh);
+    lw.hh16 = pack_b_bf16(forward ? a.w_hh.t() : a.w_hh);  // lw.hh stays unused
+  } else {
+    lw.hh = step_weight<T>(as_t(a.w_hh), forward);
   }
+  if (a.proj) lw.hr = step_weight<T>(as_t(a.w_hr), forward);
   return lw;
 }
 
