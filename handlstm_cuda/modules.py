@@ -428,6 +428,11 @@ class LSTMCell(nn.Module):
             # Elsewhere it is not: nn.LSTMCell's gate products follow autocast and its state
             # update runs in c_0's dtype promoted with theirs. Run the whole step in the
             # weights' dtype (at least as precise) and return the dtype nn.LSTMCell returns.
+            # Autocast leaves float64 alone, so float64 on one side only is nn's dtype mismatch.
+            if (input.dtype == torch.float64) != (w_ih.dtype == torch.float64):
+                raise RuntimeError(f"LSTMCell: input dtype ({input.dtype}) does not match weight "
+                                   f"dtype ({w_ih.dtype}): autocast to {cast} casts neither "
+                                   f"float64 nor to it")
             out_dtype = torch.promote_types(cast, c0.dtype)
             dtype = w_ih.dtype
             with torch.autocast(device_type, enabled=False):

@@ -579,6 +579,31 @@ def test_lstm_cell_autocast_cpu_dtypes_match_nn(input_dtype, given):
     assert (h.float() - h_r.float()).abs().max() < 0.05
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=["w-f32", "w-f64", "w-bf16"])
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.float64, torch.bfloat16,
+                                         torch.float16], ids=["x-f32", "x-f64", "x-bf16", "x-f16"])
+def test_lstm_cell_autocast_cpu_dtype_mismatch_errors_like_nn(input_dtype, weight_dtype):
+    """Under CPU autocast nn.LSTMCell fails exactly where float64 meets another dtype (autocast
+    casts everything else to bfloat16); ours fails there too, naming both dtypes, and runs
+    wherever nn runs, returning its dtype."""
+    ref = nn.LSTMCell(3, 5).to(weight_dtype)
+    ours = handlstm_cuda.LSTMCell(3, 5).to(weight_dtype)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3).to(input_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        try:
+            want = ref(x)[0].dtype
+        except RuntimeError:
+            want = None
+        if want is None:
+            with pytest.raises(RuntimeError, match=r"LSTMCell: input dtype .* does not match "
+                                                   r"weight dtype"):
+                ours(x)
+        else:
+            assert ours(x)[0].dtype == want
+
+
 # --------------------------------------------------------------------------------------------
 # LSTMCell
 # --------------------------------------------------------------------------------------------
