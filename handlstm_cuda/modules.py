@@ -188,11 +188,17 @@ class LSTM(nn.Module):
 
     def _check_input(self, input, packed):
         weight_dtype = self.weight_ih_l0.dtype
-        if input.dtype != weight_dtype and _autocast_dtype(input.device.type) is None:
+        cast = _autocast_dtype(input.device.type)
+        if input.dtype != weight_dtype and cast is None:
             raise ValueError(
                 f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight_dtype}). "
                 f"Convert input: input.to({weight_dtype}), or convert model: "
                 f"model.to({input.dtype})")
+        if cast is not None and (input.dtype == torch.float64) != (weight_dtype == torch.float64):
+            # Autocast leaves float64 alone: the op would see its cast of the other side.
+            raise RuntimeError(f"LSTM: input dtype ({input.dtype}) does not match weight dtype "
+                               f"({weight_dtype}): autocast to {cast} casts neither float64 "
+                               f"nor to it")
         expected_dim = 2 if packed else 3
         if input.dim() != expected_dim:
             raise RuntimeError(f"input must have {expected_dim} dimensions, got {input.dim()}")

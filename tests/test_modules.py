@@ -583,21 +583,28 @@ def test_lstm_cell_autocast_cpu_dtypes_match_nn(input_dtype, given):
                          ids=["w-f32", "w-f64", "w-bf16"])
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.float64, torch.bfloat16,
                                          torch.float16], ids=["x-f32", "x-f64", "x-bf16", "x-f16"])
-def test_lstm_cell_autocast_cpu_dtype_mismatch_errors_like_nn(input_dtype, weight_dtype):
-    """Under CPU autocast nn.LSTMCell fails exactly where float64 meets another dtype (autocast
-    casts everything else to bfloat16); ours fails there too, naming both dtypes, and runs
-    wherever nn runs, returning its dtype."""
-    ref = nn.LSTMCell(3, 5).to(weight_dtype)
-    ours = handlstm_cuda.LSTMCell(3, 5).to(weight_dtype)
+@pytest.mark.parametrize("kind", ["LSTM", "LSTMCell"])
+def test_autocast_cpu_dtype_mismatch_errors_like_nn(kind, input_dtype, weight_dtype, request):
+    """Under CPU autocast nn.LSTM and nn.LSTMCell fail exactly where float64 meets another
+    dtype (autocast casts everything else to bfloat16); ours fail there too, naming both
+    dtypes, and run wherever nn runs, returning its dtype."""
+    if kind == "LSTM" and input_dtype == torch.float16 and weight_dtype != torch.float64:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "known difference: nn.LSTM under CPU bfloat16 autocast returns float32 for a float16 "
+            "input; ours returns bfloat16, autocast's cast of every floating tensor but float64 "
+            "(docs/modules.md)")))
+    shape = (2, 3) if kind == "LSTMCell" else (4, 2, 3)
+    ref = getattr(nn, kind)(3, 5).to(weight_dtype)
+    ours = getattr(handlstm_cuda, kind)(3, 5).to(weight_dtype)
     ours.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 3).to(input_dtype)
+    x = torch.randn(*shape).to(input_dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         try:
             want = ref(x)[0].dtype
         except RuntimeError:
             want = None
         if want is None:
-            with pytest.raises(RuntimeError, match=r"LSTMCell: input dtype .* does not match "
+            with pytest.raises(RuntimeError, match=rf"{kind}: input dtype .* does not match "
                                                    r"weight dtype"):
                 ours(x)
         else:
