@@ -179,6 +179,11 @@ struct PackedB {
   at::Tensor panels;  // float32, cpu::packed_size(K, Nc, lanes) elements
   int64_t K = 0, Nc = 0, lanes = 0;
   decltype(&cpu::gemm_packed_avx2) kernel = nullptr;
+
+  int64_t panel_count() const {
+    const int64_t NR = cpu::panel_width(Nc, lanes);
+    return (Nc + NR - 1) / NR;
+  }
 };
 
 // Rows of A below which mm_cpu leaves a product to BLAS: a weight element costs about as much
@@ -202,7 +207,7 @@ PackedB pack_b(const at::Tensor& b) {
   float* dst = pb.panels.mutable_data_ptr<float>();
   const int64_t NR = cpu::panel_width(pb.Nc, pb.lanes);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, pb.K * NR));
-  at::parallel_for(0, (pb.Nc + NR - 1) / NR, grain, [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, pb.panel_count(), grain, [&](int64_t p0, int64_t p1) {
     cpu::pack_panels(src, b.stride(0), b.stride(1), pb.K, pb.Nc, pb.lanes, dst, p0, p1);
   });
   return pb;
@@ -233,8 +238,7 @@ void split_packed(int64_t M, int64_t K, int64_t Nc, int64_t panels, const Kernel
 void run_packed(const PackedB& pb, int64_t M, const float* A, int64_t lda, float* C,
                 int64_t ldc, bool accumulate) {
   const float* bp = pb.panels.const_data_ptr<float>();
-  const int64_t NR = cpu::panel_width(pb.Nc, pb.lanes);
-  split_packed(M, pb.K, pb.Nc, (pb.Nc + NR - 1) / NR,
+  split_packed(M, pb.K, pb.Nc, pb.panel_count(),
                [&](int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
                  pb.kernel(m0, m1, p0, p1, pb.Nc, pb.K, A, lda, bp, C, ldc, accumulate);
                });
@@ -696,7 +700,6 @@ bool mm_cpu_f16(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, const a
   const PackedB pb = pack_b(b.to(at::kFloat));
   if (pb.kernel == nullptr) return false;
   const int64_t M = a.size(0), K = pb.K, Nc = pb.Nc, lda = a.stride(0);
-  const int64_t panels = (Nc + cpu::panel_width(Nc, pb.lanes) - 1) / cpu::panel_width(Nc, pb.lanes);
   const at::Tensor bias_f = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bp = pb.panels.const_data_ptr<float>();
   const at::Half* ap = a.const_data_ptr<at::Half>();
@@ -712,7 +715,8 @@ bool mm_cpu_f16(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, const a
           std::copy_n(bias_f.const_data_ptr<float>(), Nc, cf.data() + r * Nc);
         }
       }
-      pb.kernel(0, rows, 0, panels, Nc, K, af.data(), K, bp, cf.data(), Nc, bias != nullptr);
+      pb.kernel(0, rows, 0, pb.panel_count(), Nc, K, af.data(), K, bp, cf.data(), Nc,
+                bias != nullptr);
       from_float(cf.data(), cp + r0 * Nc, rows * Nc);
     }
   });
@@ -812,21 +816,14 @@ at::Tensor cpu_convert_for_tests(const at::Tensor& src, at::ScalarType dtype) {
               "cpu_convert_for_tests: expected float32 to a half type or back, got ",
               src.scalar_type(), " to ", dtype);
   auto out = at::empty(src.sizes(), src.options().dtype(dtype));
-  AT_DISPATCH_SWITCH(half_in ? src.scalar_type() : dtype, "cpu_convert_for_tests",
-    AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      if (half_in) {
-        to_float(src.const_data_ptr<scalar_t>(), out.mutable_data_ptr<float>(), src.numel());
-      } else {
-        from_float(src.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), src.numel());
-      }
-    })
-    AT_DISPATCH_CASE(at::kHalf, [&] {
-      if (half_in) {
-        to_float(src.const_data_ptr<scalar_t>(), out.mutable_data_ptr<float>(), src.numel());
-      } else {
-        from_float(src.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), src.numel());
-      }
-    }));
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(half_in ? src.scalar_type() : dtype, "cpu_convert_for_tests",
+                                     [&] {
+    if (half_in) {
+      to_float(src.const_data_ptr<scalar_t>(), out.mutable_data_ptr<float>(), src.numel());
+    } else {
+      from_float(src.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), src.numel());
+    }
+  });
   return out;
 }
 

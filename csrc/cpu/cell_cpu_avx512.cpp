@@ -104,8 +104,8 @@ void from_float_avx512(const float* src, c10::BFloat16* dst, int64_t count) {
 void to_float_avx512(const c10::Half* src, float* dst, int64_t count) {
   int64_t k = 0;
   for (; k + 16 <= count; k += 16) {
-    _mm512_storeu_ps(dst + k,
-                     _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k))));
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k));
+    _mm512_storeu_ps(dst + k, _mm512_cvtph_ps(h));
   }
   for (; k < count; ++k) dst[k] = static_cast<float>(src[k]);
 }

@@ -23,11 +23,13 @@
 //
 // The kernel templates need an ISA unit's raw vector operations: only cell_cpu_avx2.cpp and
 // cell_cpu_avx512.cpp instantiate them; everyone else calls the declared entry points. The
-// plain helpers (panel_width, packed_size, pack_panels) have internal linkage, so the linker
-// can never hand the generic code a copy compiled for an ISA unit's instruction set.
+// plain helpers (panel_width, packed_size, pack_panels, for_row_tiles) have internal linkage,
+// so the linker can never hand the generic code a copy compiled for an ISA unit's instruction
+// set.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace handlstm {
 namespace cpu {
@@ -72,6 +74,24 @@ static inline void pack_panels(const float* b, int64_t stride_k, int64_t stride_
       }
     }
   }
+}
+
+// Calls tile(r, rows) over rows [m0, m1): tiles of MR rows, then one of 4 (when MR > 4), then
+// of 2 and 1 (a one-row tile alone would spend three loads on every two multiply-adds). `rows`
+// is a std::integral_constant<int, R>, so the tile can take R as a template argument. Shared
+// by the float32 kernels below and the bfloat16 ones (gemm_cpu_bf16.cpp).
+template <int MR, typename Tile>
+static inline void for_row_tiles(int64_t m0, int64_t m1, const Tile& tile) {
+  int64_t r = m0;
+  for (; r + MR <= m1; r += MR) tile(r, std::integral_constant<int, MR>{});
+  if constexpr (MR > 4) {
+    if (r + 4 <= m1) {
+      tile(r, std::integral_constant<int, 4>{});
+      r += 4;
+    }
+  }
+  for (; r + 2 <= m1; r += 2) tile(r, std::integral_constant<int, 2>{});
+  if (r < m1) tile(r, std::integral_constant<int, 1>{});
 }
 
 #ifdef CPU_CAPABILITY  // the kernels: only in the ISA units, which define it before vec.h
@@ -134,32 +154,15 @@ inline void gemm_tile(const float* A, int64_t sa, int64_t sk, const float* B, in
   }
 }
 
-// Rows [m0, m1) of one column panel in tiles of MR, then 4, 2 and 1 rows (a one-row tile alone
-// would spend three loads on every two multiply-adds).
+// Rows [m0, m1) of one column panel in row tiles (for_row_tiles).
 template <typename Ops, int MR, int NV, bool kFullB>
 inline void gemm_rows(int64_t m0, int64_t m1, const float* A, int64_t sa, int64_t sk,
                       const float* B, int64_t ldb, int64_t K, float* C, int64_t ldc,
                       int64_t width, bool accumulate) {
-  int64_t r = m0;
-  for (; r + MR <= m1; r += MR) {
-    gemm_tile<Ops, MR, NV, kFullB>(A + r * sa, sa, sk, B, ldb, K, C + r * ldc, ldc, width,
-                                   accumulate);
-  }
-  if constexpr (MR > 4) {
-    if (r + 4 <= m1) {
-      gemm_tile<Ops, 4, NV, kFullB>(A + r * sa, sa, sk, B, ldb, K, C + r * ldc, ldc, width,
-                                    accumulate);
-      r += 4;
-    }
-  }
-  for (; r + 2 <= m1; r += 2) {
-    gemm_tile<Ops, 2, NV, kFullB>(A + r * sa, sa, sk, B, ldb, K, C + r * ldc, ldc, width,
-                                  accumulate);
-  }
-  if (r < m1) {
-    gemm_tile<Ops, 1, NV, kFullB>(A + r * sa, sa, sk, B, ldb, K, C + r * ldc, ldc, width,
-                                  accumulate);
-  }
+  for_row_tiles<MR>(m0, m1, [&](int64_t r, auto rows) {
+    gemm_tile<Ops, decltype(rows)::value, NV, kFullB>(A + r * sa, sa, sk, B, ldb, K,
+                                                      C + r * ldc, ldc, width, accumulate);
+  });
 }
 
 // The row tile of each panel width: the most rows whose NV MR accumulators, NV panel vectors

@@ -5,7 +5,8 @@
 // kernels of gemm_cpu.h cannot match.
 //
 // Compiled for AVX-512 BF16 through the target pragma, independent of the build's flags; it
-// includes only the intrinsics header, so nothing compiled here can be handed to other code.
+// includes only the intrinsics header and our own GEMM headers (whose helpers have internal
+// linkage), so nothing compiled here can be handed to other code.
 // lstm_cpu.cpp calls it only on a CPU that reports avx512bf16 (see cpu_has_bf16_dot).
 //
 // Layout. B (K x Nc) is packed as ceil(Nc / 32) panels of 32 columns. A panel holds ceil(K / 2)
@@ -31,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "gemm_cpu.h"  // for_row_tiles (its kernels need CPU_CAPABILITY, not defined here)
 #include "gemm_cpu_bf16.h"
 
 namespace handlstm {
@@ -101,14 +103,10 @@ void gemm_packed_bf16(int64_t m0, int64_t m1, int64_t p0, int64_t p1, int64_t Nc
     const uint16_t* B = Bp + p * pairs * 2 * kNR;
     const int64_t c0 = p * kNR;
     const int64_t width = Nc - c0 < kNR ? Nc - c0 : kNR;
-    int64_t r = m0;
-    for (; r + 8 <= m1; r += 8) tile<8>(A + r * lda, lda, B, pairs, C + r * ldc + c0, ldc, width, accumulate);
-    if (r + 4 <= m1) {
-      tile<4>(A + r * lda, lda, B, pairs, C + r * ldc + c0, ldc, width, accumulate);
-      r += 4;
-    }
-    for (; r + 2 <= m1; r += 2) tile<2>(A + r * lda, lda, B, pairs, C + r * ldc + c0, ldc, width, accumulate);
-    if (r < m1) tile<1>(A + r * lda, lda, B, pairs, C + r * ldc + c0, ldc, width, accumulate);
+    for_row_tiles<8>(m0, m1, [&](int64_t r, auto rows) {
+      tile<decltype(rows)::value>(A + r * lda, lda, B, pairs, C + r * ldc + c0, ldc, width,
+                                  accumulate);
+    });
   }
 }
 
