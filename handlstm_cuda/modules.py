@@ -31,6 +31,16 @@ def _autocast_dtype(device_type):
     return None
 
 
+def _check_autocast_float64(owner, input_dtype, weight_dtype, cast):
+    """Under autocast to `cast`: autocast leaves float64 alone and casts every other floating
+    tensor, so float64 on one side only (input or weights) can never match; nn.LSTM and
+    nn.LSTMCell fail there, and so do we, naming both dtypes."""
+    if (input_dtype == torch.float64) != (weight_dtype == torch.float64):
+        raise RuntimeError(f"{owner}: input dtype ({input_dtype}) does not match weight dtype "
+                           f"({weight_dtype}): autocast to {cast} casts neither float64 nor "
+                           f"to it")
+
+
 def _check_state_pair(hx, owner, shapes):
     """hx must be a pair (h, c) of tensors; say so plainly instead of failing deep inside.
 
@@ -194,11 +204,8 @@ class LSTM(nn.Module):
                 f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight_dtype}). "
                 f"Convert input: input.to({weight_dtype}), or convert model: "
                 f"model.to({input.dtype})")
-        if cast is not None and (input.dtype == torch.float64) != (weight_dtype == torch.float64):
-            # Autocast leaves float64 alone: the op would see its cast of the other side.
-            raise RuntimeError(f"LSTM: input dtype ({input.dtype}) does not match weight dtype "
-                               f"({weight_dtype}): autocast to {cast} casts neither float64 "
-                               f"nor to it")
+        if cast is not None:
+            _check_autocast_float64("LSTM", input.dtype, weight_dtype, cast)
         expected_dim = 2 if packed else 3
         if input.dim() != expected_dim:
             raise RuntimeError(f"input must have {expected_dim} dimensions, got {input.dim()}")
@@ -434,11 +441,7 @@ class LSTMCell(nn.Module):
             # Elsewhere it is not: nn.LSTMCell's gate products follow autocast and its state
             # update runs in c_0's dtype promoted with theirs. Run the whole step in the
             # weights' dtype (at least as precise) and return the dtype nn.LSTMCell returns.
-            # Autocast leaves float64 alone, so float64 on one side only is nn's dtype mismatch.
-            if (input.dtype == torch.float64) != (w_ih.dtype == torch.float64):
-                raise RuntimeError(f"LSTMCell: input dtype ({input.dtype}) does not match weight "
-                                   f"dtype ({w_ih.dtype}): autocast to {cast} casts neither "
-                                   f"float64 nor to it")
+            _check_autocast_float64("LSTMCell", input.dtype, w_ih.dtype, cast)
             out_dtype = torch.promote_types(cast, c0.dtype)
             dtype = w_ih.dtype
             with torch.autocast(device_type, enabled=False):

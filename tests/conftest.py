@@ -71,14 +71,15 @@ def make_args(T, N, I, H, P=0, *, bias=True, dtype=torch.float64, device="cpu", 
             r(4 * H) if bias else None, r(P, H) if P else None)
 
 
-def outputs_and_grads(args, loss="all", **kw):
+def outputs_and_grads(args, loss="all", fn=None, **kw):
     """handlstm_cuda.lstm's outputs (detached) on args (as make_args returns them) and the
     gradients of every tensor argument for a fixed random loss of all outputs, or of h_n alone
-    (loss="h_n": autograd then hands the backward no grad_output)."""
+    (loss="h_n": autograd then hands the backward no grad_output). fn: another function of
+    lstm's signature to run instead (handlstm_cuda.reference.lstm)."""
     import handlstm_cuda as hl  # here, not at the top: see HANDLSTM_CUDA_KERNELS above
 
     leaves = [None if t is None else t.detach().clone().requires_grad_() for t in args]
-    outs = hl.lstm(*leaves[:6], weight_hr=leaves[6], **kw)
+    outs = (fn or hl.lstm)(*leaves[:6], weight_hr=leaves[6], **kw)
     used = outs if loss == "all" else outs[1:2]
     g = torch.Generator().manual_seed(3)
     weights = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in used]

@@ -16,7 +16,7 @@ import torch
 import handlstm_cuda as hl
 from handlstm_cuda import reference
 
-from conftest import make_args, packed_batch_sizes
+from conftest import make_args, outputs_and_grads, packed_batch_sizes
 
 HALF_TYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="f16")]
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
@@ -44,14 +44,9 @@ def threads():
 
 
 def _outputs_and_grads(fn, args, **kw):
-    """fn's three outputs and the gradients of every given argument for a fixed random loss,
-    all as float64."""
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in args]
-    outs = fn(*leaves[:6], weight_hr=leaves[6], **kw)
-    g = torch.Generator().manual_seed(3)
-    weights = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in outs]
-    grads = torch.autograd.grad(outs, [t for t in leaves if t is not None], weights)
-    return [t.detach().double() for t in list(outs) + list(grads)]
+    """fn's three outputs and the gradients of every given argument (conftest's fixed random
+    loss), all as float64."""
+    return [t.double() for t in outputs_and_grads(args, fn=fn, **kw)]
 
 
 def _case(name, dtype, seed=1):
