@@ -382,8 +382,7 @@ template <typename Kernel>
 bool launch_cooperative(Kernel kernel, int64_t blocks, int64_t smem, void** args) {
   const auto* prop = at::cuda::getCurrentDeviceProperties();
   if (!prop->cooperativeLaunch || smem > int64_t(prop->sharedMemPerBlockOptin)) return false;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)));
+  persistent::allow_all_dynamic_smem(kernel);
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads,
                                                                static_cast<size_t>(smem)));

@@ -14,8 +14,9 @@
 //
 // Scope, checked by persistent_eligible(): no projection, no packed batch (every row active at
 // every step), and W_hh (G x H) plus the block's state fitting in one block's shared memory
-// (computed per call; on an H200's 227 KiB per block, H up to about 115 in float32 and 160 in
-// bfloat16/float16 with 8 rows per block, more with fewer). Larger weights go to the
+// (computed per call, with fewer rows per block where 8 do not fit; on an H200's 227 KiB per
+// block, H up to about 115 in float32 and 160 in bfloat16/float16 with 8 rows per block, 120
+// and 170 with one). Larger weights go to the
 // cooperative loops (lstm_cuda_cooperative.cu: W_hh split across blocks, a grid-wide barrier
 // per step); what neither serves takes the generic loop.
 //
@@ -201,25 +202,31 @@ int rows_per_block(int64_t N) {
 }
 
 // Whether the single-block loop serves these arguments (see the scope at the top), and the
-// rows per block and shared memory it would use.
+// rows per block and shared memory it would use: rows_per_block's tile, halved while the
+// block's state does not fit beside W_hh (more, smaller blocks; with no synchronisation
+// between blocks, a grid larger than the GPU just runs in waves).
 bool persistent_eligible(const LoopArgs& a, int* R, int64_t* smem) {
   if (!persistent::plain_shape(a)) return false;
-  *R = rows_per_block(a.N);
-  if ((a.N + *R - 1) / *R > int64_t(std::numeric_limits<int>::max())) return false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.gates.scalar_type(),
-                                  "persistent_smem", [&] {
-    *smem = persistent_smem_bytes<scalar_t>(a.H, *R);
-  });
-  const auto* prop = at::cuda::getCurrentDeviceProperties();
-  return *smem <= int64_t(prop->sharedMemPerBlockOptin);
+  const int64_t limit = int64_t(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  for (int r = rows_per_block(a.N); r >= 1; r /= 2) {
+    if ((a.N + r - 1) / r > int64_t(std::numeric_limits<int>::max())) return false;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.gates.scalar_type(),
+                                    "persistent_smem", [&] {
+      *smem = persistent_smem_bytes<scalar_t>(a.H, r);
+    });
+    if (*smem <= limit) {
+      *R = r;
+      return true;
+    }
+  }
+  return false;
 }
 
 // One launch of a persistent kernel: a block per R rows, `smem` bytes of dynamic shared memory
 // (above the 48 KiB default, so allowed explicitly), the caller's stream, a check after it.
 template <int R, typename Kernel, typename... Args>
 void launch_persistent(Kernel kernel, const LoopArgs& a, int64_t smem, Args... args) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)));
+  persistent::allow_all_dynamic_smem(kernel);
   const auto grid = static_cast<unsigned int>((a.N + R - 1) / R);
   kernel<<<grid, kPersistentThreads, smem, at::cuda::getCurrentCUDAStream()>>>(args...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -5,6 +5,7 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -48,6 +49,20 @@ void with_rows_tile(int R, F&& f) {
     case 4: f(std::integral_constant<int, 4>{}); break;
     default: f(std::integral_constant<int, 8>{}); break;
   }
+}
+
+// Lets `kernel` take the device's whole opt-in shared memory per block as dynamic shared memory
+// (needed above the 48 KiB default). The same value on every call: setting each call's own size
+// instead would let two host threads launching one kernel with different sizes lower the limit
+// between the other's setting and its launch, which would then fail.
+template <typename Kernel>
+void allow_all_dynamic_smem(Kernel kernel) {
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  const size_t limit = prop->sharedMemPerBlockOptin - attr.sharedSizeBytes;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(limit)));
 }
 
 }  // namespace persistent

@@ -137,6 +137,22 @@ def test_float64_matches_reference(persistent, shape, reverse):
     assert _loops() == (expected, expected)
 
 
+@pytest.mark.cuda
+def test_fewer_rows_per_block_where_eight_do_not_fit(persistent):
+    """float32 H = 115 at N = 600 (8 rows per block by the multiprocessor count): W_hh (207 KB)
+    fits a block of an H200 (227 KiB), but not beside 8 rows of state (22 KB); with 4 rows it
+    does, so the single-block design serves the call (the cooperative one cannot: its h tile of
+    N x H alone is 276 KB)."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    if getattr(props, "shared_memory_per_block_optin", None) != 232_448 or \
+            props.multi_processor_count > 150:
+        pytest.skip("sized for 227 KiB of shared memory per block and about 132 multiprocessors")
+    args = make_args(3, 600, 4, 115, 0, dtype=torch.float32, device="cuda", seed=22)
+    ours = outputs_and_grads(args)
+    assert _loops() == ("single-block", "single-block")
+    _compare(ours, _reference_run(args), 1e-4)
+
+
 # The cooperative design at awkward sizes: H = 1 (one block), H = 33 and N = 13 (two row tiles,
 # the second ragged), H = 100, and H = 263 with N = 8 (two units per block on an H200's 132
 # multiprocessors, one in the last block: its gate rows and partial sums are ragged).
