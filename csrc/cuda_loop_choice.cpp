@@ -11,6 +11,7 @@
 // point, or on a GPU model the table was not measured on, the generic loop serves it. What
 // this chooses is only a preference: the persistent hooks still decline calls out of their
 // scope, and the graph loop packed ones.
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <memory>
@@ -73,24 +74,25 @@ CudaLoopMode crossover_choice(const std::string& device, at::ScalarType dtype, b
                               int64_t N, int64_t H, int64_t T) {
   const auto t = current_table();
   if (t->device != device || N <= 0 || H <= 0 || T <= 0) return CudaLoopMode::kGeneric;
-  // The nearest points (equal within rounding); their winner only if all of them agree.
+  // The nearest points (equal within rounding); their winner only if all of them agree. `best`
+  // is the least distance met so far, so that which points count as nearest does not depend
+  // on the order of the table (log2 can put two equally near points 1e-16 apart either way).
   constexpr double kSlack = 1e-9;
-  double best = kMaxOctaves + kSlack;
+  double best = kMaxOctaves;
   bool any = false, agree = true;
   CudaLoopMode winner = CudaLoopMode::kGeneric;
   for (const Crossover& p : t->points) {
     if (p.dtype != dtype || p.forward != forward) continue;
     const double d = octaves(N, p.N) + octaves(H, p.H) + 0.25 * octaves(T, p.T);
-    if (d < best - kSlack) {  // strictly nearer: a new set of nearest points
-      best = d + kSlack;
+    if (d > best + kSlack) continue;  // farther than the nearest so far (or than the limit)
+    if (!any || d < best - kSlack) {  // the first within the limit, or strictly nearer
       any = true;
       agree = true;
       winner = p.winner;
-    } else if (d <= best) {  // as near as the nearest so far (or the first within the limit)
-      agree = agree && (!any || p.winner == winner);
-      if (!any) winner = p.winner;
-      any = true;
+    } else {  // as near as the nearest so far
+      agree = agree && p.winner == winner;
     }
+    best = std::min(best, d);
   }
   return any && agree ? winner : CudaLoopMode::kGeneric;
 }

@@ -114,6 +114,12 @@ def test_equally_near_points_must_all_say_persistent(tmp_path, restore):
     assert choice(GPU, "float32", True, 8, 256, 100) == "generic"
     hl.load_cuda_crossovers(_write(tmp_path, [_p(4, 256, True), _p(16, 256, True)]))
     assert choice(GPU, "float32", True, 8, 256, 100) == "persistent"
+    # N = 20 is one octave from 10 and from 40, though log2 puts the two 1e-16 apart: a tie
+    # whatever the order of the table.
+    for points in ([_p(10, 256, False), _p(40, 256, True)],
+                   [_p(40, 256, True), _p(10, 256, False)]):
+        hl.load_cuda_crossovers(_write(tmp_path, points))
+        assert choice(GPU, "float32", True, 20, 256, 100) == "generic"
     # Exactly two octaves (5 -> 20) is near enough whatever log2 rounds to; a bit more is not.
     hl.load_cuda_crossovers(_write(tmp_path, [_p(5, 256, True)]))
     assert choice(GPU, "float32", True, 20, 256, 100) == "persistent"
