@@ -139,6 +139,21 @@ std::optional<at::Tensor> maybe(const at::Tensor& t) {
 constexpr CellKernels kCudaKernels{launch_cell_forward, launch_cell_backward,
                                    persistent_forward_loop, persistent_backward_loop};
 
+// What run_graphed runs, eagerly and in its captures: the generic loop alone, whatever the loop
+// mode or the crossover table say by then (another thread may change them), so that no
+// persistent kernel ends up in a graph cached for the generic loop. Records the loop as the
+// persistent hooks do when they decline.
+bool generic_forward_loop(const LoopArgs&) {
+  record_cuda_loop(/*forward=*/true, CudaLoop::kGeneric);
+  return false;
+}
+bool generic_backward_loop(const LoopArgs&) {
+  record_cuda_loop(/*forward=*/false, CudaLoop::kGeneric);
+  return false;
+}
+constexpr CellKernels kGraphedKernels{launch_cell_forward, launch_cell_backward,
+                                      generic_forward_loop, generic_backward_loop};
+
 ForwardResult lstm_forward_cuda(const at::Tensor& input, const at::Tensor& h0,
                                 const at::Tensor& c0, const at::Tensor& weight_ih,
                                 const at::Tensor& weight_hh,
@@ -153,7 +168,7 @@ ForwardResult lstm_forward_cuda(const at::Tensor& input, const at::Tensor& h0,
         {input, h0, c0, weight_ih, weight_hh, or_undefined(bias), or_undefined(weight_hr)},
         [reverse](const TensorList& a) {
           const auto r = lstm_forward_impl(a[0], a[1], a[2], a[3], a[4], maybe(a[5]),
-                                           maybe(a[6]), std::nullopt, reverse, kCudaKernels);
+                                           maybe(a[6]), std::nullopt, reverse, kGraphedKernels);
           return TensorList{std::get<0>(r), std::get<1>(r), std::get<2>(r),
                             std::get<3>(r), std::get<4>(r), std::get<5>(r)};
         });
@@ -180,7 +195,7 @@ BackwardResult lstm_backward_cuda(
         [reverse, mask](const TensorList& a) {
           const auto r = lstm_backward_impl(maybe(a[0]), maybe(a[1]), maybe(a[2]), a[3], a[4],
                                             a[5], a[6], a[7], maybe(a[8]), a[9], a[10], a[11],
-                                            a[12], std::nullopt, reverse, mask, kCudaKernels);
+                                            a[12], std::nullopt, reverse, mask, kGraphedKernels);
           return TensorList{std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r),
                             std::get<4>(r), std::get<5>(r), std::get<6>(r)};
         });

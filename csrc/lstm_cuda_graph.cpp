@@ -274,22 +274,25 @@ Captured capture(const std::shared_ptr<Entry>& e, const TensorList& inputs,
       (void)cudaGetLastError();  // that query's own error, not the caller's
     }
   }
+  bool end_ok = false;  // capture_end returned: the graph is instantiated
   if (capturing) {
     try {
       e->graph->capture_end();
+      end_ok = true;
     } catch (const std::exception& ex) {
       if (ran) why = first_line(ex.what());
     }
   }
   // Whether torch's bookkeeping of the capture is complete: pool() refuses a graph whose
-  // capture has not ended (its instantiation may still have failed, e.g. out of memory).
+  // capture has not ended. It may have ended and still failed after that (capture_end throws
+  // when instantiating the graph runs out of memory): a clean failure, nothing to replay.
   bool ended = false;
   try {
     (void)e->graph->pool();
     ended = true;
   } catch (const std::exception&) {
   }
-  if (ran && ended) return Captured::kOk;
+  if (ran && ended && end_ok) return Captured::kOk;
   e->out.clear();
   if (ended) return Captured::kFailedCleanly;
   // Not ended: some torch versions check cudaStreamEndCapture before they stop routing the
@@ -337,10 +340,23 @@ bool workspaces_intact(const Entry& e) {
   }
 }
 
+// Copies the inputs in, replays, returns copies of the outputs. May throw (e.g. out of memory
+// for the copies out); `done` then still marks all that was queued, so that the entry is not
+// destroyed under a replay in flight.
 TensorList replay(Entry& e, const TensorList& inputs) {
   const std::lock_guard<std::mutex> lock(e.use);
   const auto stream = at::cuda::getCurrentCUDAStream();
   e.done.block(stream);  // the previous use, if it was queued on another stream
+  struct RecordDone {
+    Entry& e;
+    const at::cuda::CUDAStream& stream;
+    ~RecordDone() {
+      try {
+        e.done.record(stream);
+      } catch (const std::exception&) {  // a CUDA error already on its way to the caller
+      }
+    }
+  } record_done{e, stream};
   for (size_t i = 0; i < inputs.size(); ++i) {
     if (inputs[i].defined()) e.in[i].copy_(inputs[i]);
   }
@@ -348,8 +364,23 @@ TensorList replay(Entry& e, const TensorList& inputs) {
   TensorList out;
   out.reserve(e.out.size());
   for (const auto& t : e.out) out.push_back(t.defined() ? t.clone() : at::Tensor());
-  e.done.record(stream);
   return out;
+}
+
+// Takes `hit` out of the cache (unless another thread already did); `failed`: its signature
+// runs eagerly from now on, else it may be captured again from its next call on.
+void drop_entry(Cache& c, const std::shared_ptr<Entry>& hit, bool failed) {
+  const std::lock_guard<std::mutex> lock(c.mutex);
+  const auto it = std::find(c.entries.begin(), c.entries.end(), hit);
+  if (it != c.entries.end()) {
+    c.bytes -= hit->bytes;
+    c.entries.erase(it);
+  }
+  if (failed) {
+    c.failed.insert(hit->key);
+  } else {
+    c.seen_once.insert(hit->key);
+  }
 }
 
 }  // namespace
@@ -391,22 +422,25 @@ std::optional<TensorList> run_graphed(bool forward, std::vector<int64_t> flags,
   }
   if (hit && !workspaces_intact(*hit)) {
     // Its cuBLAS scratch is gone: drop it (capturing again from the next call on).
-    {
-      const std::lock_guard<std::mutex> lock(c.mutex);
-      const auto it = std::find(c.entries.begin(), c.entries.end(), hit);
-      if (it != c.entries.end()) {  // (unless another thread dropped it meanwhile)
-        c.bytes -= hit->bytes;
-        c.entries.erase(it);
-      }
-      c.seen_once.insert(key);
-    }
+    drop_entry(c, hit, /*failed=*/false);
     hit.reset();  // outside the lock: this may wait for its queued work
     return run(inputs);
   }
   if (hit) {
-    TensorList out = replay(*hit, inputs);
-    record_cuda_loop(forward, CudaLoop::kGraph);
-    return out;
+    try {
+      TensorList out = replay(*hit, inputs);
+      record_cuda_loop(forward, CudaLoop::kGraph);
+      return out;
+    } catch (const std::exception& ex) {
+      // Not kept for the next call to fail the same way: the eager loop from now on (an
+      // error that is not the graph's, say a sticky CUDA error, will fail it too).
+      TORCH_WARN("handlstm: replaying a cached CUDA graph of the ",
+                 forward ? "forward" : "backward", " failed, so this call signature runs "
+                 "the eager generic loop from now on. Cause: ", first_line(ex.what()));
+      drop_entry(c, hit, /*failed=*/true);
+      hit.reset();
+      return run(inputs);
+    }
   }
   // A miss runs eagerly: the answer (and, the second time, before capturing).
   TensorList out = run(inputs);
