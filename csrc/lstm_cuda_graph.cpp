@@ -39,7 +39,8 @@
 // from then on. If it did not end (an invalidated capture), some torch versions leave its
 // allocations routed to its pool: that routing is ended and the pool given back here (the
 // capture has a pool of its own for this), the graph object is kept rather than destroyed,
-// and the graph loop runs eagerly for the rest of the process.
+// and the graph loop runs eagerly for the rest of the process. A replay that fails (e.g. out
+// of memory for the copies out) drops its entry, and its signature runs eagerly from then on.
 
 // torch's CUDAEvent.h aligns a member to std::hardware_destructive_interference_size, about
 // which GCC 12+ warns wherever the type is laid out (the value may differ between compilers);
