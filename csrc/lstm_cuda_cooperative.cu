@@ -26,6 +26,14 @@
 // The scratch is double-buffered by step parity: a block can be one step ahead of another
 // (between two barriers) but never two.
 //
+// CUDA cores, not tensor cores, for the recurrent products: a block's share of a step is small
+// (4U gate rows x H x N: 16 x 512 x 8 = 65k multiply-adds at H = 512, N = 8 on 132
+// multiprocessors, 256 per thread), and the step's time is expected to go to the grid barrier
+// and to reading h_{t-1} from L2, not to the arithmetic. Tensor-core fragments (mma.sync in
+// bfloat16/float16; float32 would need TF32, which is only for when the caller allows it)
+// would shorten the part that is not the bottleneck. The benchmark times the barrier and the
+// matvec apart (cooperative_probe_ms below), so the first GPU run shows whether this holds.
+//
 // Co-residency: a grid barrier needs every block resident at once. The launch is cooperative
 // (cudaLaunchCooperativeKernel, which refuses a grid that cannot be co-resident); before it,
 // the occupancy calculator must say the grid fits, else the call takes the generic loop, as it
