@@ -513,5 +513,18 @@ def lstm(input, h0, c0, weight_ih, weight_hh, bias=None, *, weight_hr=None, batc
         _cuda_fallback_warning()
         return reference.lstm(*args[:6], weight_hr=args[6], batch_sizes=batch_sizes,
                               reverse=reverse)
-    output, h_n, c_n, _, _, _ = LSTMFunction.apply(*args, batch_sizes, reverse)
+    output, h_n, c_n, _, _, _ = LSTMFunction.apply(*_distinct(args), batch_sizes, reverse)
     return output, h_n, c_n
+
+
+def _distinct(args):
+    """args with every repeat of a tensor object (lstm(x, h, h, ...)) replaced by a view of it.
+    Autograd adds up the gradients of the aliases either way, but torch.compile's fullgraph
+    mode refuses an autograd.Function given one tensor twice."""
+    # `is`, not id(): under torch.compile id() would guard on the objects themselves, so that
+    # every new input tensor would recompile.
+    out = list(args)
+    for i, t in enumerate(args):
+        if t is not None and any(t is u for u in args[:i]):
+            out[i] = t.view_as(t)
+    return out

@@ -19,14 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from ._ops import lstm
+from ._ops import _autocast_active, lstm
 
 __all__ = ["LSTM", "LSTMCell"]
 
 
 def _autocast_dtype(device_type):
-    """The autocast dtype in force for ``device_type``, or None outside autocast."""
-    if torch.is_autocast_enabled(device_type):
+    """The autocast dtype in force for ``device_type``, or None outside autocast (and on
+    device types without an autocast rule for the op, such as meta)."""
+    if _autocast_active(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
@@ -57,6 +58,15 @@ def _check_state_pair(hx, owner, shapes):
     for idx, value in enumerate(hx):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{owner}: hx[{idx}] must be a tensor, got {type(value).__name__}")
+
+
+def _not_scriptable(owner):
+    """What torch.jit.script meets (through __prepare_scriptable__, which it calls on every
+    module it is given, submodules included) instead of a TorchScript error from deep inside
+    the Python forward."""
+    raise RuntimeError(f"handlstm_cuda.{owner} does not support torch.jit.script: its forward "
+                       "is Python that TorchScript cannot compile. Use torch.compile (it "
+                       "compiles with fullgraph=True) or torch.export.")
 
 
 def _packed_positions(batch_sizes, device):
@@ -169,6 +179,9 @@ class LSTM(nn.Module):
     def flatten_parameters(self):
         """No-op: the fused op takes each parameter as it is, so there is nothing to repack."""
 
+    def __prepare_scriptable__(self):
+        _not_scriptable("LSTM")
+
     @property
     def _flat_weights(self):
         return [getattr(self, name, None) for name in self._flat_weights_names]
@@ -245,6 +258,41 @@ class LSTM(nn.Module):
                 raise RuntimeError(f"Expected hidden[{idx}] dtype {ref.dtype} (the input's), "
                                    f"got {state.dtype}")
 
+    # nn.RNNBase's public checks and state permutation, with its signatures and messages.
+    # forward calls check_forward_args and permute_hidden where nn.LSTM.forward does (after
+    # its own checks above, which fail first with more to say), so subclasses that override
+    # them keep working. input is as the caller passed it (batch-first when batch_first).
+
+    def check_input(self, input, batch_sizes):
+        self._check_input(input, packed=batch_sizes is not None)
+
+    def get_expected_hidden_size(self, input, batch_sizes):
+        return self._state_sizes(self._batch_of(input, batch_sizes))[0]
+
+    def get_expected_cell_size(self, input, batch_sizes):
+        return self._state_sizes(self._batch_of(input, batch_sizes))[1]
+
+    def check_hidden_size(self, hx, expected_hidden_size, msg="Expected hidden size {}, got {}"):
+        if hx.size() != expected_hidden_size:
+            raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
+
+    def check_forward_args(self, input, hidden, batch_sizes):
+        self.check_input(input, batch_sizes)
+        self.check_hidden_size(hidden[0], self.get_expected_hidden_size(input, batch_sizes),
+                               "Expected hidden[0] size {}, got {}")
+        self.check_hidden_size(hidden[1], self.get_expected_cell_size(input, batch_sizes),
+                               "Expected hidden[1] size {}, got {}")
+
+    def permute_hidden(self, hx, permutation):
+        if permutation is None:
+            return hx
+        return hx[0].index_select(1, permutation), hx[1].index_select(1, permutation)
+
+    def _batch_of(self, input, batch_sizes):
+        if batch_sizes is not None:
+            return int(batch_sizes[0])
+        return input.size(0) if self.batch_first else input.size(1)
+
     # Forward.
 
     def _stack(self, x, h0, c0, batch_sizes):
@@ -307,6 +355,7 @@ class LSTM(nn.Module):
             if not batched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
             self._check_states(h0, c0, N, x, unbatched=not batched)
+        self.check_forward_args(input, (h0, c0), None)
 
         out, h_n, c_n = self._stack(x, h0, c0, None)
 
@@ -332,8 +381,8 @@ class LSTM(nn.Module):
                 raise RuntimeError("For packed input, hx and cx should be 3-D but got "
                                    f"({h0.dim()}-D, {c0.dim()}-D) tensors")
             self._check_states(h0, c0, N, data)
-            if sorted_indices is not None:
-                h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
+            h0, c0 = self.permute_hidden((h0, c0), sorted_indices)
+        self.check_forward_args(data, (h0, c0), batch_sizes)
 
         # Padded time-major (T, N, I) in sorted order; the op's batch_sizes keeps each row to
         # its own length, and reverse starts each row at its own last step.
@@ -341,10 +390,8 @@ class LSTM(nn.Module):
         out, h_n, c_n = self._stack(x, h0, c0, batch_sizes)
         out_data = out.reshape(T * N, out.size(2)).index_select(0, rows)
 
-        if unsorted_indices is not None:
-            h_n, c_n = h_n.index_select(1, unsorted_indices), c_n.index_select(1, unsorted_indices)
         output = PackedSequence(out_data, batch_sizes, sorted_indices, unsorted_indices)
-        return output, (h_n, c_n)
+        return output, self.permute_hidden((h_n, c_n), unsorted_indices)
 
 
 class LSTMCell(nn.Module):
@@ -383,6 +430,9 @@ class LSTMCell(nn.Module):
         if self.bias is not True:
             s += f", bias={self.bias}"
         return s
+
+    def __prepare_scriptable__(self):
+        _not_scriptable("LSTMCell")
 
     def forward(self, input, hx=None):
         if input.dim() not in (1, 2):

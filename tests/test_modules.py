@@ -14,6 +14,7 @@ of 1 and the reference's largest magnitude.
 import itertools
 import math
 import pickle
+import re
 import warnings
 
 import pytest
@@ -511,6 +512,115 @@ def test_compile_fullgraph_matches_eager():
     out, (h, c) = compiled(x)
     out_e, (h_e, c_e) = model(x)
     assert torch.equal(out, out_e) and torch.equal(h, h_e) and torch.equal(c, c_e)
+
+
+@pytest.mark.parametrize("unbatched", [False, True], ids=["batched", "unbatched"])
+def test_lstm_cell_compiles_fullgraph_without_hx(unbatched):
+    """hx=None makes one zero state; torch.compile's fullgraph mode refuses an autograd.Function
+    given one tensor twice, so lstm() must not pass it as both h0 and c0."""
+    torch.manual_seed(11)
+    ours, ref = handlstm_cuda.LSTMCell(3, 4), nn.LSTMCell(3, 4)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3) if unbatched else torch.randn(2, 3)
+    h, c = torch.compile(ours, fullgraph=True, backend="eager")(x)
+    h_ref, c_ref = ref(x)
+    assert_close(h, h_ref, torch.float32)
+    assert_close(c, c_ref, torch.float32)
+
+
+def test_op_given_one_tensor_twice_compiles_and_sums_its_gradients():
+    g = torch.Generator().manual_seed(12)
+    x, s = (torch.randn(4, 2, 3, generator=g, dtype=torch.float64),
+            torch.randn(2, 5, generator=g, dtype=torch.float64, requires_grad=True))
+    w_ih = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    w_hh = torch.randn(20, 5, generator=g, dtype=torch.float64)
+    fn = torch.compile(lambda x, s: handlstm_cuda.lstm(x, s, s, w_ih, w_hh)[0], fullgraph=True,
+                       backend="eager")
+    (grad,) = torch.autograd.grad(fn(x, s).sum(), s)
+    h0, c0 = s.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
+    dh0, dc0 = torch.autograd.grad(handlstm_cuda.lstm(x, h0, c0, w_ih, w_hh)[0].sum(), (h0, c0))
+    assert_close(grad, dh0 + dc0, torch.float64)
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(num_layers=2, bidirectional=True, proj_size=2,
+                                             batch_first=True)], ids=["default", "options"])
+def test_meta_device_gives_nn_shapes(kwargs):
+    """Deferred initialisation and shape inference run modules on the meta device."""
+    ours = handlstm_cuda.LSTM(3, 4, device="meta", **kwargs)
+    ref = nn.LSTM(3, 4, device="meta", **kwargs)
+    x = torch.empty(5, 2, 3, device="meta")
+    out, (h, c) = ours(x)
+    out_r, (h_r, c_r) = ref(x)
+    assert out.device.type == "meta"
+    assert (out.shape, h.shape, c.shape) == (out_r.shape, h_r.shape, c_r.shape)
+    cell = handlstm_cuda.LSTMCell(3, 4, device="meta")
+    assert [t.shape for t in cell(torch.empty(2, 3, device="meta"))] == [(2, 4), (2, 4)]
+
+
+def test_rnnbase_checks_and_permutation_match_nn():
+    """nn.RNNBase's public methods, with its results and messages."""
+    kw = dict(num_layers=2, bidirectional=True, proj_size=2, batch_first=True)
+    ours, ref = handlstm_cuda.LSTM(3, 4, **kw), nn.LSTM(3, 4, **kw)
+    x = torch.randn(5, 6, 3)  # batch-first: N = 5
+    for m in (ours, ref):
+        assert m.get_expected_hidden_size(x, None) == (4, 5, 2)
+        assert m.get_expected_cell_size(x, None) == (4, 5, 4)
+    bs = torch.tensor([3, 2, 1])
+    assert ours.get_expected_cell_size(x[0], bs) == ref.get_expected_cell_size(x[0], bs)
+    good = (torch.zeros(4, 5, 2), torch.zeros(4, 5, 4))
+    ours.check_forward_args(x, good, None)
+    ref.check_forward_args(x, good, None)
+    bad = (torch.zeros(4, 5, 2), torch.zeros(4, 5, 3))
+    for m in (ours, ref):
+        with pytest.raises(RuntimeError, match=re.escape("Expected hidden[1] size (4, 5, 4), "
+                                                         "got [4, 5, 3]")):
+            m.check_forward_args(x, bad, None)
+        with pytest.raises(RuntimeError, match="input.size\\(-1\\) must be equal to input_size"):
+            m.check_input(torch.randn(5, 6, 2), None)
+    perm = torch.tensor([2, 0, 1, 4, 3])
+    for a, b in zip(ours.permute_hidden(good, perm), ref.permute_hidden(good, perm)):
+        assert torch.equal(a, b)
+    assert ours.permute_hidden(good, None) is good
+
+
+def test_forward_goes_through_overridable_checks_and_permutation():
+    """A subclass overriding check_forward_args or permute_hidden is heard, as with nn.LSTM."""
+    calls = []
+
+    class Logged(handlstm_cuda.LSTM):
+        def check_forward_args(self, input, hidden, batch_sizes):
+            calls.append(("check", batch_sizes is not None))
+            super().check_forward_args(input, hidden, batch_sizes)
+
+        def permute_hidden(self, hx, permutation):
+            calls.append(("permute", permutation is not None))
+            return super().permute_hidden(hx, permutation)
+
+    torch.manual_seed(13)
+    m, ref = Logged(3, 4), nn.LSTM(3, 4)
+    ref.load_state_dict(m.state_dict())
+    m(torch.randn(2, 5, 3))
+    assert calls == [("check", False)]
+    calls.clear()
+    seqs = [torch.randn(n, 3) for n in (2, 4, 3)]
+    packed = nn.utils.rnn.pack_sequence(seqs, enforce_sorted=False)
+    hx = (torch.randn(1, 3, 4), torch.randn(1, 3, 4))
+    out, (h, c) = m(packed, hx)
+    assert calls == [("permute", True), ("check", True), ("permute", True)]
+    out_r, (h_r, c_r) = ref(packed, hx)
+    assert_close(h, h_r, torch.float32)
+    assert_close(out.data, out_r.data, torch.float32)
+
+
+@pytest.mark.parametrize("module", ["LSTM", "LSTMCell"])
+def test_jit_script_is_refused_by_name(module):
+    m = getattr(handlstm_cuda, module)(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        for target in (m, nn.Sequential(m)):
+            with pytest.raises(RuntimeError, match=f"handlstm_cuda.{module} does not support "
+                                                   "torch.jit.script.*torch.compile"):
+                torch.jit.script(target)
 
 
 def test_gradcheck_two_layer_bidirectional_projected():
