@@ -18,13 +18,13 @@
 # a step that fails or times out is reported and the next one still runs. If the build fails,
 # the benchmark times the baselines alone.
 #
-# What lands in OUTDIR (a dozen files, all small enough to come back from a lent machine):
+# What lands in OUTDIR: eight files, all small, since a lent machine sends back at most eight
+# (the benchmarks' terminal output is not among them: check.log has it, step by step):
 #   check.log  every step's command, output, exit status and duration (also nvidia-smi, versions)
-#   bench.txt  the benchmark's terminal output (the ratio table and the targets)
 #   bench.csv  bench.md  bench.png  the benchmark's results (see benchmarks/README.md)
 #   tests.xml  the CUDA tests, one entry per test (JUnit XML)
-#   persistent/sweep.txt  persistent.csv  persistent.md  cuda_crossovers.json  the persistent
-#              loops' sweep, and the crossover table it measured for the "auto" time loop
+#   persistent/persistent.csv  persistent.md  cuda_crossovers.json  the persistent loops'
+#              sweep, and the crossover table it measured for the "auto" time loop
 #
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default
 # 16), GPU_CHECK_BUDGET, BENCH_ARGS (extra arguments for the benchmark, e.g. "--quick"),
@@ -59,6 +59,9 @@ export PYTHONUNBUFFERED=1
 # This script is how the CUDA kernels get verified, so it runs them (they are off by default).
 export HANDLSTM_CUDA_KERNELS=1
 LOG=$OUTDIR/check.log
+# The benchmarks' terminal output, for the end of this script's own output; outside OUTDIR.
+SCRATCH=$(mktemp -d) || exit 1
+trap 'rm -rf "$SCRATCH"' EXIT
 START=$(date +%s)
 DEADLINE=$((START + ${GPU_CHECK_BUDGET:-540}))
 SUMMARY=()
@@ -153,6 +156,10 @@ run_tests() {
     # are many small launch-bound calls, so they share one GPU well.
     local par=()
     "$PY" -c "import xdist" 2>/dev/null && par=(-n 4)
+    # A test hung on the GPU (a persistent kernel that never finishes) costs that test alone,
+    # not the step: pytest-timeout, where the image has it, ends its worker (xdist starts
+    # another).
+    "$PY" -c "import pytest_timeout" 2>/dev/null && par+=(--timeout 90 --timeout-method thread)
     # --durations: the slowest tests, to size this step's cap on the next lease.
     "$PY" -m pytest tests -m cuda -q --maxfail=5 -p no:cacheprovider "${par[@]}" \
         --durations=15 --junitxml "$OUTDIR/tests.xml"
@@ -177,7 +184,7 @@ bench() {
     # first); the margin covers the point in flight and writing the outputs.
     # shellcheck disable=SC2086
     "$PY" -m benchmarks.bench --device cuda --impls "$impls" --budget $((t - 25)) \
-        --no-progress --out "$OUTDIR" ${BENCH_ARGS:-} | tee "$OUTDIR/bench.txt"
+        --no-progress --out "$OUTDIR" ${BENCH_ARGS:-} | tee -i "$SCRATCH/bench.txt"
     rc=$?
     if ((rc == 2)); then
         # 'ours' was refused (message above); the baselines are still worth having.
@@ -185,7 +192,7 @@ bench() {
         # shellcheck disable=SC2086
         "$PY" -m benchmarks.bench --device cuda --impls torch,reference \
             --budget $((t - 40)) --no-progress --out "$OUTDIR" ${BENCH_ARGS:-} \
-            | tee "$OUTDIR/bench.txt"
+            | tee -i "$SCRATCH/bench.txt"
         return 2
     fi
     return "$rc"
@@ -200,10 +207,10 @@ bench_persistent() {
     local b=$((STEP_SECONDS - 30))
     ((b < 0)) && b=0
     "$PY" -m benchmarks.persistent --budget "$b" --out "$OUTDIR/persistent" \
-        | tee "$OUTDIR/persistent/sweep.txt"
+        | tee -i "$SCRATCH/sweep.txt"
 }
 
-export PY OUTDIR DEADLINE
+export PY OUTDIR SCRATCH DEADLINE
 export -f left build_id env_info build_ext built_for_sm90 run_tests sanitize bench bench_persistent
 
 step env 30 env_info
@@ -223,8 +230,8 @@ fi
 
 # The end of the output is what a lent machine's reply shows (its last 12,000 characters): the
 # ratio table first, then the persistent targets, then the step summary last.
-if [[ -s $OUTDIR/bench.txt ]]; then
-    cat "$OUTDIR/bench.txt"
+if [[ -s $SCRATCH/bench.txt ]]; then
+    cat "$SCRATCH/bench.txt"
 else
     echo "no benchmark output; see $LOG"
     tail -20 "$LOG"

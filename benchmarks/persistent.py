@@ -244,7 +244,11 @@ def run(args):
             write_csv(out / "persistent.csv", meta, rows)
             text = markdown(meta, rows)
             (out / "persistent.md").write_text(text)
-            (out / "cuda_crossovers.json").write_text(json.dumps(crossovers(meta, rows), indent=1))
+            # Whole or not at all: a run cut short mid-write must not leave a table that
+            # load_cuda_crossovers refuses.
+            tmp = out / "cuda_crossovers.json.tmp"
+            tmp.write_text(json.dumps(crossovers(meta, rows), indent=1))
+            os.replace(tmp, out / "cuda_crossovers.json")
             return text
 
         for point in points(args.quick):
@@ -259,8 +263,14 @@ def run(args):
                 failed.append(f"{point}: {type(e).__name__}: {str(e).splitlines()[0]}")
                 print(f"FAILED {failed[-1]}", flush=True)
             save()  # after every point, so that a run cut short still leaves its results
-            hl.clear_cuda_graphs()  # the graph loop's cached graphs of this point
-            torch.cuda.empty_cache()
+            try:
+                hl.clear_cuda_graphs()  # the graph loop's cached graphs of this point
+                torch.cuda.empty_cache()
+            except Exception as e:  # a sticky CUDA error: every later point would fail too
+                failed.append(f"after {point}, the CUDA context is unusable: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0]}")
+                print(f"FAILED {failed[-1]}; stopping the sweep", flush=True)
+                break
     finally:
         hl.set_cuda_time_loop(before)
     print()
