@@ -95,6 +95,60 @@ def test_csv_and_markdown_carry_every_row(tmp_path):
     assert "## Targets" in md
 
 
+def test_sweep_keeps_its_results_and_stops_when_the_cuda_context_breaks(tmp_path, monkeypatch,
+                                                                         capsys):
+    """run() on the CPU with the GPU parts faked: the first point measures, the second fails,
+    then the per-point cleanup meets a broken context, as after a sticky CUDA error. The sweep
+    stops there (no third point), exits 1, and leaves the first point's rows in all three
+    files, with a crossover table load_cuda_crossovers accepts."""
+    import argparse
+
+    import torch
+
+    import handlstm_cuda as hl
+
+    calls = []
+
+    def measure(hl_, C, point, rows):
+        calls.append(point)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        rows.extend([_row(mode="infer"), _row()])
+
+    def clear():
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(hl, "has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(hl, "clear_cuda_graphs", clear)
+    monkeypatch.setattr(persistent, "measure", measure)
+    monkeypatch.setattr(persistent.env, "cudnn_version", lambda: "fake")
+    # run() turns TF32 off for the sweep: put the flags back, and the switches it sets.
+    before = (hl.cuda_kernels_enabled(), hl.cuda_time_loop(), torch.backends.cudnn.allow_tf32,
+              torch.backends.cuda.matmul.allow_tf32)
+    try:
+        rc = persistent.run(argparse.Namespace(quick=True, budget=None, out=str(tmp_path)))
+    finally:
+        hl.set_cuda_kernels_enabled(before[0])
+        hl.set_cuda_time_loop(before[1])
+        torch.backends.cudnn.allow_tf32 = before[2]
+        torch.backends.cuda.matmul.allow_tf32 = before[3]
+    assert rc == 1 and len(calls) == 2
+    assert "the CUDA context is unusable" in capsys.readouterr().out
+    rows = [r for r in (tmp_path / "persistent.csv").read_text().splitlines()
+            if not r.startswith("#")]
+    assert len(rows) == 1 + 2
+    assert "## Targets" in (tmp_path / "persistent.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cuda_crossovers.json",
+                                                          "persistent.csv", "persistent.md"]
+    try:
+        assert hl.load_cuda_crossovers(tmp_path / "cuda_crossovers.json") == 2
+    finally:
+        hl.load_cuda_crossovers(None)
+
+
 def test_without_a_gpu_it_says_so_and_exits_2():
     import torch
 
