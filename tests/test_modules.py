@@ -616,7 +616,8 @@ def test_forward_goes_through_overridable_checks_and_permutation():
 def test_jit_script_is_refused_by_name(module):
     m = getattr(handlstm_cuda, module)(3, 4)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        # torch.jit.script is deprecated (a FutureWarning, a DeprecationWarning in 2.13).
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated")
         for target in (m, nn.Sequential(m)):
             with pytest.raises(RuntimeError, match=f"handlstm_cuda.{module} does not support "
                                                    "torch.jit.script.*torch.compile"):
