@@ -145,6 +145,19 @@ def test_sentinels_become_masks_not_values(synth):
         assert (values[..., k][~valid[..., k]] == 0).all()
 
 
+def test_a_true_99_ft_gap_is_a_value_not_the_sentinel(synth):
+    """The real data has rows with a vehicle in front (i_f = 1) exactly 99.0 ft away: the
+    indicator, not the distance, says whether there is a neighbour."""
+    w = synth[0][:1].copy()
+    t = 10
+    w[0, t, D.COL["i_f"]] = 1
+    w[0, t, D.COL["dis_f"]] = D.NO_NEIGHBOUR
+    w[0, t, D.COL["Space_Headway"]] = D.NO_NEIGHBOUR
+    values, valid = D.history_features(w)
+    k, m = D.FEATURE_NAMES.index("dis_f"), D.FEATURE_NAMES.index("has_front")
+    assert values[0, t, m] == 1 and valid[0, t, k] and values[0, t, k] == 99.0
+
+
 def test_no_raw_99_reaches_the_scaler(synth, monkeypatch):
     seen = []
     fit = D.Standardizer.fit

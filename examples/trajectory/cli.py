@@ -51,7 +51,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "a shared machine; 0 keeps torch's default)")
     g.add_argument("--lstm", choices=("auto",) + LSTM_CHOICES, default="auto",
                    help="LSTM implementation; auto = handlstm when it imports, else torch")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed of training and of --synthetic data (default 0; evaluate: the "
+                        "checkpoint's, so that it scores the data the model was trained on)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -202,7 +204,9 @@ def _print_metrics(name: str, m: dict) -> None:
     print(f"  ADE improvement over constant velocity: {100 * m['ade_improvement_over_cv']:.1f} %")
 
 
-def _write_plots(out: Path, split: T.SplitArrays, result: dict, n: int, seed: int) -> Path | None:
+def _write_plots(out: Path, split: T.SplitArrays, result: dict, n: int, seed: int,
+                 name: str = "test") -> Path | None:
+    """Plots n windows of `split` (named `name`: the file is NAME_windows.png)."""
     from .plots import plot_windows
 
     if n <= 0 or len(split.file_ids) == 0:
@@ -217,8 +221,8 @@ def _write_plots(out: Path, split: T.SplitArrays, result: dict, n: int, seed: in
         "constant_velocity": split.cv[pick],
         "constant_acceleration": result["ca"][pick],
     }
-    return plot_windows(out / "test_windows.png", split.history[pick], split.truth[pick], preds,
-                        split.file_ids[pick])
+    return plot_windows(out / f"{name}_windows.png", split.history[pick], split.truth[pick],
+                        preds, split.file_ids[pick])
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,6 +256,8 @@ def cmd_evaluate(args) -> dict:
     lstm = _lstm(args)
     path = _checkpoint(args, lstm)
     state = T.load_checkpoint(path)
+    if args.seed is None:
+        args.seed = state["config"]["seed"]
     model, scaler, target_scale = T.model_from_checkpoint(state, device)
     cfg = T.TrainConfig(**{**state["config"], "fractions": tuple(state["config"]["fractions"])})
     prep = T.prepare(load_windows(args), cfg, scaler=scaler, target_scale=target_scale)
@@ -259,7 +265,7 @@ def cmd_evaluate(args) -> dict:
     result = T.evaluate_split(model, split, target_scale, device)
     _print_metrics(args.split, result["metrics"])
     args.out.mkdir(parents=True, exist_ok=True)
-    plot = _write_plots(args.out, split, result, args.plot_windows, args.seed)
+    plot = _write_plots(args.out, split, result, args.plot_windows, args.seed, args.split)
     report = {
         "command": _command_line(args),
         "checkpoint": str(path),
@@ -416,5 +422,7 @@ def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    if args.seed is None and args.command != "evaluate":  # (evaluate takes the checkpoint's)
+        args.seed = 0
     command = {"run": cmd_run, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict}
     return command[args.command](args)

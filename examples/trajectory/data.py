@@ -319,7 +319,9 @@ def history_features(windows: np.ndarray, history: int = HISTORY_STEPS):
 
     windows (F, W>=history, C) -> (features float64 (F, Th, D), valid bool (F, Th, D)).
     Sentinel entries are replaced by 0 and marked invalid, so no 99 (or headway 0) is ever a
-    value; the mask features carry the information instead.
+    value; the mask features carry the information instead. The neighbour masks come from the
+    indicator columns i_l, i_r, i_f, not from the distances: the real data has rows with i_f = 1
+    and a true gap of exactly 99.0 ft (19 of 629,800), which a test of dis_f != 99 would drop.
     """
     h = windows[:, :history]
     x, y = h[..., COL["Local_X"]], h[..., COL["Local_Y"]]
@@ -328,9 +330,9 @@ def history_features(windows: np.ndarray, history: int = HISTORY_STEPS):
     step_x[:, 0], step_y[:, 0] = step_x[:, 1], step_y[:, 1]
 
     has_leader = h[..., COL["Space_Headway"]] != NO_HEADWAY
-    has_left = h[..., COL["dis_l"]] != NO_NEIGHBOUR
-    has_right = h[..., COL["dis_r"]] != NO_NEIGHBOUR
-    has_front = h[..., COL["dis_f"]] != NO_NEIGHBOUR
+    has_left = h[..., COL["i_l"]] == 1
+    has_right = h[..., COL["i_r"]] == 1
+    has_front = h[..., COL["i_f"]] == 1
     always = np.ones_like(has_leader)
 
     columns = [
