@@ -314,6 +314,52 @@ def test_prepare_fits_on_train_only_and_drops_jumps(synth):
     np.testing.assert_allclose(prep2.scaler.mean, prep.scaler.mean)
 
 
+def _retrace(source, target, start, length, shift, noise, seed=0):
+    """target with rows [start, start+length) replaced by source's rows shifted by `shift`,
+    positions moved by up to `noise` ft."""
+    out = target.copy()
+    rows = slice(start, start + length)
+    out[rows] = source[start + shift:start + shift + length]
+    jitter = np.random.default_rng(seed).uniform(-noise, noise, (length, 2))
+    out[rows, D.COL["Local_X"]] += jitter[:, 0]
+    out[rows, D.COL["Local_Y"]] += jitter[:, 1]
+    return out
+
+
+def test_find_repeats_flags_a_retraced_path_at_any_shift(synth):
+    windows = synth[0]
+    moving = np.flatnonzero(np.abs(np.diff(windows[:, :, D.COL["Local_Y"]], axis=1)).min(1) > 0.5)
+    src, other = windows[moving[0]], windows[moving[-1]]
+    ref = windows[moving[:5]]
+    assert not D.find_repeats(windows[moving[-3:]], ref).any()  # other cars: no repeat
+    for length, noise, expected in ((12, 0.015, True), (12, 0.04, False), (8, 0.0, False)):
+        w = _retrace(src, other, 20, length, 5, noise)
+        assert D.find_repeats(w[None], ref)[0] == expected, (length, noise)
+    # Stationary rows never count: a parked car at a spot a reference car once stood is not
+    # a retraced path.
+    parked = np.repeat(src[:1], len(src), axis=0)
+    assert not D.find_repeats(parked[None], np.repeat(parked[None], 2, axis=0)).any()
+
+
+def test_prepare_drops_later_windows_that_retrace_earlier_blocks(synth):
+    windows, ids, _, _ = synth
+    base = T.prepare(D.WindowSet(windows, ids), T.TrainConfig())
+    assert base.summary["test"]["repeats_dropped"] == 0  # synthetic cars never repeat
+    # Make one test window retrace a training window (all of it: a partial copy would jump).
+    train_row = int(np.flatnonzero(ids == base.splits["train"].file_ids[10])[0])
+    test_ids = base.splits["test"].file_ids
+    test_id = test_ids[len(test_ids) // 2]
+    test_row = int(np.flatnonzero(ids == test_id)[0])
+    copied = windows.copy()
+    copied[test_row] = windows[train_row]
+    prep = T.prepare(D.WindowSet(copied, ids), T.TrainConfig())
+    assert prep.summary["test"]["repeat_file_ids"] == [int(test_id)]
+    assert test_id not in prep.splits["test"].file_ids
+    assert len(prep.splits["test"].file_ids) == len(base.splits["test"].file_ids) - 1
+    kept = T.prepare(D.WindowSet(copied, ids), T.TrainConfig(drop_repeats=False))
+    assert test_id in kept.splits["test"].file_ids
+
+
 # --------------------------------------------------------------------------------------------
 # The real folder (skipped without it)
 # --------------------------------------------------------------------------------------------
@@ -340,3 +386,13 @@ def test_real_data_loads_and_splits_without_leakage(real):
     # Looser tolerances link more files; the split must not leak under them either.
     loose = D.find_chains(real.windows, real.file_ids, tol_x=10.0, tol_y=50.0)
     _assert_no_leak(D.split_blocks(loose), loose)
+
+
+def test_real_data_repeats_under_unrelated_ids_are_found(real):
+    """Pairs found by a review: test 17407 retraces train 12197 (31 rows within 0.004 ft),
+    test 17048 train 15400, test 16625 validation 16053. No chain links them (ids far apart)."""
+    row = {int(i): k for k, i in enumerate(real.file_ids)}
+    for later, earlier in ((17407, 12197), (17048, 15400), (16625, 16053)):
+        w, ref = real.windows[[row[later]]], real.windows[[row[earlier]]]
+        assert D.find_repeats(w, ref)[0], (later, earlier)
+    assert not D.find_repeats(real.windows[[row[17407]]], real.windows[[row[15400]]])[0]

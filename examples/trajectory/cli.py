@@ -74,6 +74,9 @@ def _training(p: argparse.ArgumentParser) -> None:
                         "boundary chain, which is always skipped)")
     g.add_argument("--keep-jumps", action="store_true",
                    help="keep windows that jump to another vehicle (default: drop them)")
+    g.add_argument("--keep-repeats", action="store_true",
+                   help="keep validation/test windows that retrace an earlier block's path "
+                        "(default: drop them)")
     g.add_argument("--max-train-windows", type=int, default=0,
                    help="cap the training block (0: all)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/<lstm>.pt")
@@ -119,7 +122,8 @@ def _config(args) -> T.TrainConfig:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, hidden=args.hidden,
         layers=args.layers, head=args.head, loss=args.loss, seed=args.seed,
         fractions=(train_frac, args.val_frac, args.test_frac), guard=args.guard,
-        drop_jumps=not args.keep_jumps, max_train_windows=args.max_train_windows,
+        drop_jumps=not args.keep_jumps, drop_repeats=not args.keep_repeats,
+        max_train_windows=args.max_train_windows,
     )
 
 

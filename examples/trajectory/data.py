@@ -241,6 +241,54 @@ def find_chains(
     return np.concatenate([[0], np.cumsum(~linked)]).astype(np.int64)
 
 
+def find_repeats(
+    windows: np.ndarray, reference: np.ndarray, tol: float = 0.02, min_run: int = 10,
+    min_step: float = 0.05,
+) -> np.ndarray:
+    """Flag windows that retrace a reference window's path. Returns bool (F,).
+
+    A window repeats a reference window when, for ``min_run`` consecutive moving rows (a step
+    of more than ``min_step`` ft), each of its positions lies within ``tol`` ft in both
+    coordinates of the reference window's position at the same shift of rows (the match may
+    start at any row of either). The real data holds such near-exact repeats under file ids
+    far apart, which chain linking cannot see; kept in a later block they would be leakage.
+    windows (F, W, C), reference (G, W', C).
+    """
+    def moving_positions(w):
+        xy = w[:, :, [COL["Local_X"], COL["Local_Y"]]]
+        step = np.hypot(*np.moveaxis(np.diff(xy, axis=1, prepend=xy[:, :1]), -1, 0))
+        step[:, 0] = step[:, 1] if w.shape[1] > 1 else 0.0
+        return xy, step > min_step
+
+    ref_xy, ref_moving = moving_positions(reference)
+    # Reference rows by grid cell of side tol: a match within tol lies in one of the 3 x 3
+    # cells around a position's own.
+    cells: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for g, r in zip(*np.nonzero(ref_moving)):
+        x, y = ref_xy[g, r]
+        cells.setdefault((int(np.floor(x / tol)), int(np.floor(y / tol))), []).append((g, r))
+    xy, moving = moving_positions(windows)
+    out = np.zeros(len(windows), dtype=bool)
+    for f in range(len(windows)):
+        run: dict[tuple[int, int], int] = {}  # (reference window, row shift) -> run length
+        for r in range(windows.shape[1]):
+            hits = set()
+            if moving[f, r]:
+                x, y = xy[f, r]
+                cx, cy = int(np.floor(x / tol)), int(np.floor(y / tol))
+                for dx in (-1, 0, 1):
+                    for dy in (-1, 0, 1):
+                        for g, r2 in cells.get((cx + dx, cy + dy), ()):
+                            if (abs(ref_xy[g, r2, 0] - x) <= tol
+                                    and abs(ref_xy[g, r2, 1] - y) <= tol):
+                                hits.add((g, r2 - r))
+            run = {k: run.get(k, 0) + 1 for k in hits}
+            if any(n >= min_run for n in run.values()):
+                out[f] = True
+                break
+    return out
+
+
 @dataclass
 class Split:
     """Row indices (into a WindowSet) of each block; ``dropped`` lists the guard rows."""

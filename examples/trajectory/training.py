@@ -38,6 +38,7 @@ class TrainConfig:
     fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
     guard: int = 0
     drop_jumps: bool = True
+    drop_repeats: bool = True  # validation/test windows retracing an earlier block's path
     max_train_windows: int = 0  # 0 = all; a quick way to shrink a run
 
     def model_kwargs(self, input_size: int) -> dict:
@@ -121,6 +122,16 @@ def prepare(
             "file_id_max": int(ids.max()) if len(ids) else None,
             "jumps_dropped": int(jumps[idx].sum()) if cfg.drop_jumps else 0,
         }
+    if cfg.drop_repeats:
+        # Validation must not retrace training paths, nor test those of training or validation.
+        earlier = rows["train"]
+        for name in ("val", "test"):
+            repeats = D.find_repeats(ws.windows[rows[name]], ws.windows[earlier])
+            summary[name]["repeats_dropped"] = int(repeats.sum())
+            summary[name]["repeat_file_ids"] = ws.file_ids[rows[name][repeats]].tolist()
+            earlier = np.concatenate([earlier, rows[name]])
+            rows[name] = rows[name][~repeats]
+            summary[name]["windows"] = int(len(rows[name]))
     if len(rows["train"]) == 0 or len(rows["val"]) == 0:
         raise ValueError(f"train and validation blocks must not be empty, got {summary}")
 
