@@ -137,8 +137,8 @@ void set_cuda_persistent_cooperative_only(bool only);
 //                (set_cuda_crossovers) say it wins for the call's dtype, direction and nearest
 //                measured shape on this GPU model, else the generic loop
 //   kGraph       the generic loop, captured once per call signature in a CUDA graph and
-//                replayed (run_graphed below); packed calls and calls made while the caller's
-//                stream is capturing run it eagerly
+//                replayed (run_graphed below), packed calls once per packing too; calls
+//                made while the caller's stream is capturing run it eagerly
 enum class CudaLoopMode : int { kGeneric = 0, kPersistent = 1, kAuto = 2, kGraph = 3 };
 CudaLoopMode cuda_loop_mode();
 void set_cuda_loop_mode(CudaLoopMode mode);
@@ -185,7 +185,8 @@ CudaLoop last_cuda_loop(bool forward);
 // The graph time loop (lstm_cuda_graph.cpp; CUDA builds only). `run` is one eager call of the
 // op on `inputs` (undefined tensors allowed), returning its outputs. run_graphed serves a call
 // from a CUDA graph of `run` cached for the call's signature: the tensors' definedness, dtypes,
-// devices and sizes, `flags` (the op's other arguments) and the cuBLAS settings. The first two
+// devices and sizes, `flags` (the op's other arguments, a packed call's batch_sizes among
+// them) and the cuBLAS settings. The first two
 // calls of a signature run eagerly, the second then captures the graph; later ones copy the
 // inputs into the graph's own buffers, replay it on the caller's stream and return copies of
 // its outputs. Returns nullopt, leaving the call to the caller, when the caller's stream is

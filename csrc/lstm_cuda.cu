@@ -121,13 +121,35 @@ namespace {
 
 // Whether a call goes to run_graphed: in the graph mode, or in the auto mode where the
 // crossovers say so for its shape (read off input (T, N, I) and c0 (N, H); a call of other
-// ranks is left to the driver, which refuses it by name). Packed calls, and empty ones with
-// nothing to capture, never do.
+// ranks is left to the driver, which refuses it by name). Empty calls, with nothing to
+// capture, never do; nor packed ones whose batch_sizes is not a (T,) int64 CPU tensor (the
+// driver refuses those by name too).
 bool graph_wanted(bool forward, const at::Tensor& input, const at::Tensor& c0,
                   const std::optional<at::Tensor>& batch_sizes) {
-  if (batch_sizes || input.dim() != 3 || c0.dim() != 2 || input.numel() == 0) return false;
+  if (input.dim() != 3 || c0.dim() != 2 || input.numel() == 0) return false;
+  if (batch_sizes) {
+    const auto& bs = *batch_sizes;
+    if (!bs.device().is_cpu() || bs.scalar_type() != at::kLong || bs.dim() != 1 ||
+        bs.size(0) != input.size(0)) {
+      return false;
+    }
+  }
   return wanted_cuda_loop(current_cuda_device_name, input.scalar_type(), forward, input.size(1),
                           c0.size(1), input.size(0)) == CudaLoopMode::kGraph;
+}
+
+// The flags of a call's graph signature: `flags`, then whether it is packed and, if so, its
+// batch_sizes, which fix the work of every step (the driver reads them on the host, so a
+// graph captured for one packing replays only for the same packing).
+std::vector<int64_t> with_packing(std::vector<int64_t> flags,
+                                  const std::optional<at::Tensor>& batch_sizes) {
+  flags.push_back(batch_sizes.has_value());
+  if (batch_sizes) {
+    const auto bs = batch_sizes->contiguous();
+    const int64_t* v = bs.const_data_ptr<int64_t>();
+    flags.insert(flags.end(), v, v + bs.numel());
+  }
+  return flags;
 }
 
 // Optional tensor arguments in and out of run_graphed's lists.
@@ -164,11 +186,11 @@ ForwardResult lstm_forward_cuda(const at::Tensor& input, const at::Tensor& h0,
   const c10::cuda::CUDAGuard guard(input.device());
   if (graph_wanted(/*forward=*/true, input, c0, batch_sizes)) {
     const auto out = run_graphed(
-        /*forward=*/true, {reverse},
+        /*forward=*/true, with_packing({reverse}, batch_sizes),
         {input, h0, c0, weight_ih, weight_hh, or_undefined(bias), or_undefined(weight_hr)},
-        [reverse](const TensorList& a) {
+        [reverse, &batch_sizes](const TensorList& a) {
           const auto r = lstm_forward_impl(a[0], a[1], a[2], a[3], a[4], maybe(a[5]),
-                                           maybe(a[6]), std::nullopt, reverse, kGraphedKernels);
+                                           maybe(a[6]), batch_sizes, reverse, kGraphedKernels);
           return TensorList{std::get<0>(r), std::get<1>(r), std::get<2>(r),
                             std::get<3>(r), std::get<4>(r), std::get<5>(r)};
         });
@@ -189,13 +211,14 @@ BackwardResult lstm_backward_cuda(
   const c10::cuda::CUDAGuard guard(input.device());
   if (graph_wanted(/*forward=*/false, input, c0, batch_sizes)) {
     const auto out = run_graphed(
-        /*forward=*/false, {reverse, mask[0], mask[1], mask[2], mask[3], mask[4]},
+        /*forward=*/false,
+        with_packing({reverse, mask[0], mask[1], mask[2], mask[3], mask[4]}, batch_sizes),
         {or_undefined(grad_output), or_undefined(grad_h_n), or_undefined(grad_c_n), input, h0, c0,
          weight_ih, weight_hh, or_undefined(weight_hr), output, gates, cells, proj_in},
-        [reverse, mask](const TensorList& a) {
+        [reverse, mask, &batch_sizes](const TensorList& a) {
           const auto r = lstm_backward_impl(maybe(a[0]), maybe(a[1]), maybe(a[2]), a[3], a[4],
                                             a[5], a[6], a[7], maybe(a[8]), a[9], a[10], a[11],
-                                            a[12], std::nullopt, reverse, mask, kGraphedKernels);
+                                            a[12], batch_sizes, reverse, mask, kGraphedKernels);
           return TensorList{std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r),
                             std::get<4>(r), std::get<5>(r), std::get<6>(r)};
         });

@@ -135,15 +135,35 @@ def test_module_training_steps_match_the_eager_loop(graph_loop):
 
 
 @pytest.mark.cuda
-def test_packed_sequences_run_the_eager_loop(graph_loop):
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_packed_calls_replay_once_per_packing(graph_loop, reverse):
+    """batch_sizes fix each step's rows, so they are part of the signature: a packing seen
+    before replays, a new one runs eagerly (and is captured on its second call)."""
+    from conftest import packed_batch_sizes
+
+    packings = [packed_batch_sizes([7, 5, 2]), packed_batch_sizes([7, 5, 2]),
+                packed_batch_sizes([7, 5, 2]), packed_batch_sizes([7, 7, 1]),
+                packed_batch_sizes([7, 5, 2])]
+    expected = ["generic", "generic", "graph", "generic", "graph"]
+    for call, (bs, loop) in enumerate(zip(packings, expected)):
+        args = make_args(7, 3, 4, 6, dtype=torch.float64, device="cuda", seed=call)
+        ours = outputs_and_grads(args, batch_sizes=bs, reverse=reverse)
+        assert _C._cuda_last_loops() == (loop, loop), call
+        for a, e in zip(ours, _eager(args, batch_sizes=bs, reverse=reverse)):
+            torch.testing.assert_close(a, e)
+    assert _C._cuda_graph_cache()[0] == 2  # one packing's forward and backward
+
+
+@pytest.mark.cuda
+def test_packed_module_calls_match_the_eager_loop(graph_loop):
     x = torch.randn(7, 3, 4, dtype=torch.float64, device="cuda")
     packed = torch.nn.utils.rnn.pack_padded_sequence(x, [7, 5, 2])
     model = hl.LSTM(4, 6, dtype=torch.float64, device="cuda")
-    for _ in range(2):
+    for call in range(3):
         out = model(packed)[0].data
         out.sum().backward()
-        assert _C._cuda_last_loops() == ("generic", "generic")
-    assert _C._cuda_graph_cache()[0] == 0
+        loop = "graph" if call == 2 else "generic"
+        assert _C._cuda_last_loops() == (loop, loop)
     hl.set_cuda_time_loop("generic")
     torch.testing.assert_close(out, model(packed)[0].data)
 
