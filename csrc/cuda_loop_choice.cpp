@@ -10,7 +10,7 @@
 // loop other than the generic one only if all of them chose it; beyond kMaxOctaves from every
 // point, or on a GPU model the table was not measured on, the generic loop serves it. What
 // this chooses is only a preference: the persistent hooks still decline calls out of their
-// scope, and the graph loop packed ones.
+// scope, and the graph loop calls made inside the caller's own capture.
 #include <algorithm>
 #include <atomic>
 #include <cmath>

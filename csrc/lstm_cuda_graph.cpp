@@ -3,7 +3,8 @@
 // per call signature in a CUDA graph and then replayed as one launch. It pays where the host
 // cannot issue the steps as fast as the GPU runs them (small batches, a few microseconds of GPU
 // work per step). The persistent loops attack the same cost with one kernel for all steps; this
-// path also serves what they leave to the generic loop (projection, large H, wide batches).
+// path also serves what they leave to the generic loop (projection, packed batches, large H,
+// wide batches).
 //
 // A graph reads and writes fixed addresses, so each cached entry owns its buffers: its inputs,
 // into which every call copies the caller's tensors, and the outputs its capture allocated (in
