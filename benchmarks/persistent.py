@@ -342,7 +342,12 @@ def _line(r):
 def best_loop(r):
     """(speedup over cuDNN, name) of the fastest of our loops at a row: the loops the 'auto'
     mode can dispatch to (the graph loop only where its calls replayed)."""
-    options = [(r["speedup_generic"], "generic"), (r["speedup_persistent"], "persistent")]
+    options = [(r["speedup_generic"], "generic")]
+    # The persistent call counts only where a persistent design served it (else it was the
+    # generic loop again, under another name).
+    loops = [r["forward_loop"]] if r["mode"] == "infer" else [r["forward_loop"], r["backward_loop"]]
+    if any(loop != "generic" for loop in loops):
+        options.append((r["speedup_persistent"], "persistent"))
     if r.get("graph_replayed"):
         options.append((r["speedup_graphloop"], "graph"))
     return max(options)

@@ -62,6 +62,12 @@ def test_targets_seed_and_never_slower_use_the_faster_loop():
     assert never.endswith("NOT MET")
 
 
+def test_a_persistent_call_that_fell_back_is_not_named_persistent():
+    seed = _row(T=62, N=64, I=12, H=64, speedup=1.6, generic=1.4, loops=("generic", "generic"))
+    line = next(x for x in persistent.targets([seed]) if x.startswith("seed"))
+    assert "x1.40 (generic loop)" in line and line.endswith("NOT MET")
+
+
 def test_the_graph_loop_counts_only_where_its_calls_replayed():
     seed = _row(T=62, N=64, I=12, H=64, speedup=1.2, generic=0.7, speedup_graphloop=1.8)
     line = next(x for x in persistent.targets([seed]) if x.startswith("seed"))
