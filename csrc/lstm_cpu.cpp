@@ -188,8 +188,9 @@ struct PackedB {
 
 // Rows of A below which mm_cpu leaves a product to BLAS: a weight element costs about as much
 // to pack (a fresh buffer's page faults included) as 50 to 100 of its multiply-adds. The step
-// weights are packed whatever the row count: at N = 1 each step is a matrix-vector product,
-// for which MKL's generic kernels took twice as long as the packed loop including its packing.
+// weights are packed from far fewer rows (kMinPackedStepRows): at N = 1 each step is a
+// matrix-vector product, for which MKL's generic kernels took twice as long as the packed loop
+// including its packing, over 100 steps.
 constexpr int64_t kMinPackedRows = 256;
 
 // Packs b (K x Nc, any strides, float32) for the active ISA; kernel stays null on a CPU without
@@ -312,13 +313,29 @@ struct StepWeight {
   }
 };
 
+// Rows through a loop's step GEMMs in all (every step's active rows) below which its weights
+// are not packed: each step then calls BLAS on the weight as it is. Packing costs about as
+// much as 50 to 100 rows of multiply-adds (see kMinPackedRows), and BLAS's one-row products
+// take about twice as long per row as the packed kernel, so packing pays from a few tens of
+// rows (T = 100 at N = 1 packs), not for a step or two of a few rows: for an LSTMCell step
+// (one row) packing W_hh was most of the call.
+constexpr int64_t kMinPackedStepRows = 64;
+
+int64_t step_rows(const Schedule& sch) {
+  int64_t rows = 0;
+  for (const int64_t n : sch.active) rows += n;
+  return rows;
+}
+
 // The step weight for w (Nc x K when trans, else K x Nc, contiguous, of type T), packed when
-// the CPU runs a packed kernel for T.
+// `pack` and the CPU runs a packed kernel for T.
 template <typename T>
-StepWeight<T> step_weight(const at::Tensor& w, bool trans) {
+StepWeight<T> step_weight(const at::Tensor& w, bool trans, bool pack) {
   StepWeight<T> sw{w, w.const_data_ptr<T>(), w.size(1), trans,
                    trans ? w.size(1) : w.size(0), trans ? w.size(0) : w.size(1), {}};
-  if constexpr (std::is_same_v<T, float>) sw.packed = pack_b(trans ? w.t() : w);
+  if constexpr (std::is_same_v<T, float>) {
+    if (pack) sw.packed = pack_b(trans ? w.t() : w);
+  }
   return sw;
 }
 
@@ -354,12 +371,13 @@ template <typename T>
 LoopWeights<T> loop_weights(const LoopArgs& a, bool forward) {
   const auto as_t = [](const at::Tensor& w) { return w.to(c10::CppTypeToScalarType<T>::value); };
   LoopWeights<T> lw{};
+  const bool pack = step_rows(*a.sch) >= kMinPackedStepRows;
   if (a.w_hh.scalar_type() == at::kBFloat16 && cpu_has_bf16_dot()) {
     lw.hh16 = pack_b_bf16(forward ? a.w_hh.t() : a.w_hh);  // lw.hh stays unused
   } else {
-    lw.hh = step_weight<T>(as_t(a.w_hh), forward);
+    lw.hh = step_weight<T>(as_t(a.w_hh), forward, pack);
   }
-  if (a.proj) lw.hr = step_weight<T>(as_t(a.w_hr), forward);
+  if (a.proj) lw.hr = step_weight<T>(as_t(a.w_hr), forward, pack);
   return lw;
 }
 

@@ -274,18 +274,29 @@ at::Tensor at_b(const at::Tensor& a, const at::Tensor& b, const CellKernels& ker
   return mm_rowmajor(a.t(), b);
 }
 
-// out (M, Ncol) += a^T b over the rows of a (K, M) and b (K, Ncol).
+// out (M, Ncol) += a^T b over the rows of a (K, M) and b (K, Ncol), in a's dtype. An undefined
+// out counts as zeros: its first contribution becomes it, with no zero fill and no addition
+// (0 + x is x), which for a short call were most of the weight gradients' time.
 void add_at_b(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
               const CellKernels& kernels) {
   const int64_t K = a.size(0);
-  if (out.scalar_type() != at::kFloat || K <= kGradRowsPerGemm) {
-    if (few_columns(out, b.size(1)) || kernels.at_b) {
-      out.add_(at_b(a, b, kernels));
+  const auto dtype = a.scalar_type();
+  if (dtype != at::kFloat || K <= kGradRowsPerGemm) {
+    if (few_columns(b, b.size(1)) || kernels.at_b) {
+      auto r = at_b(a, b, kernels);
+      if (!out.defined()) {
+        out = r.scalar_type() == dtype ? r : r.to(dtype);  // (float16's comes in float32)
+      } else {
+        out.add_(r);
+      }
+    } else if (!out.defined()) {
+      out = at::mm(a.t(), b);
     } else {
       out.addmm_(a.t(), b);
     }
     return;
   }
+  if (!out.defined()) out = at::zeros({a.size(1), b.size(1)}, a.options());
   auto sum = out.to(at::kDouble);
   for (int64_t k0 = 0; k0 < K; k0 += kGradRowsPerGemm) {
     const int64_t k = std::min(kGradRowsPerGemm, K - k0);
@@ -441,10 +452,15 @@ BackwardResult lstm_backward_impl(
     if (!(kernels.mm && kernels.mm(gi2d, dg2d, w_ih, nullptr))) gi2d = mm_rowmajor(dg2d, w_ih);
     grad_input = gi2d.view({d.T, d.N, d.I});
   }
+  // The weight gradients start undefined (zeros to add_at_b) and are zeros if nothing adds in.
+  const auto or_zeros = [&](at::Tensor& g, int64_t rows_, int64_t cols) {
+    if (!g.defined()) g = at::zeros({rows_, cols}, opts);
+  };
   auto grad_w_ih = none();
   if (mask[1]) {
-    grad_w_ih = at::zeros({d.G, d.I}, opts);
+    grad_w_ih = at::Tensor();
     add_at_b(grad_w_ih, dg2d, x.view({d.T * d.N, d.I}), kernels);
+    or_zeros(grad_w_ih, d.G, d.I);
   }
   auto grad_bias = mask[3] ? dgates.sum(at::IntArrayRef{0, 1}) : none();
 
@@ -452,7 +468,7 @@ BackwardResult lstm_backward_impl(
   // the first step and for rows that start mid-sequence, which read h0.
   auto grad_w_hh = none();
   if (mask[2]) {
-    grad_w_hh = at::zeros({d.G, d.Hout}, opts);
+    grad_w_hh = at::Tensor();
     if (d.T > 1) {
       const auto later = reverse ? dgates.narrow(0, 0, d.T - 1) : dgates.narrow(0, 1, d.T - 1);
       const auto earlier = reverse ? output.narrow(0, 1, d.T - 1) : output.narrow(0, 0, d.T - 1);
@@ -465,12 +481,14 @@ BackwardResult lstm_backward_impl(
         add_at_b(grad_w_hh, rows(dgates[sch.time(s)], n_cont, n), rows(h0, n_cont, n), kernels);
       }
     }
+    or_zeros(grad_w_hh, d.G, d.Hout);
   }
   auto grad_w_hr = none();
   if (d.proj && mask[4]) {
-    grad_w_hr = at::zeros({d.Hout, d.H}, opts);
+    grad_w_hr = at::Tensor();
     add_at_b(grad_w_hr, dhs.view({d.T * d.N, d.Hout}), proj_in.view({d.T * d.N, d.H}),
              kernels);
+    or_zeros(grad_w_hr, d.Hout, d.H);
   }
   return {grad_input, dh, dc, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
