@@ -24,6 +24,7 @@ Registrations made here, and why (docs/works-with.md lists the tests):
 """
 
 import contextlib
+import inspect
 import json
 import os
 import warnings
@@ -220,6 +221,12 @@ class LSTMFunction(torch.autograd.Function):
         grads = (d_input, d_h0, d_c0, d_w_ih, d_w_hh, d_bias, d_w_hr)
         wanted = (mask[0], True, True, mask[1], mask[2], mask[3], mask[4])
         return tuple(g if w else None for g, w in zip(grads, wanted)) + (None, None)
+
+
+# Function.apply binds its arguments to forward's signature on every call (a Function with
+# setup_context), and inspect.signature would rebuild that signature each time: about 20 us of
+# a small call. Given once here, inspect takes it as it is.
+LSTMFunction.forward.__signature__ = inspect.signature(LSTMFunction.forward)
 
 
 # The same formula makes the bare op differentiable (and satisfies opcheck's autograd test).
@@ -513,8 +520,25 @@ def lstm(input, h0, c0, weight_ih, weight_hh, bias=None, *, weight_hr=None, batc
         _cuda_fallback_warning()
         return reference.lstm(*args[:6], weight_hr=args[6], batch_sizes=batch_sizes,
                               reverse=reverse)
-    output, h_n, c_n, _, _, _ = LSTMFunction.apply(*_distinct(args), batch_sizes, reverse)
+    if _records_autograd():
+        output, h_n, c_n, _, _, _ = LSTMFunction.apply(*_distinct(args), batch_sizes, reverse)
+    else:
+        # Nothing to differentiate: the op itself, without autograd.Function's per-call cost
+        # (about 35 us, most of an LSTMCell step), autocast off as LSTMFunction.forward has it.
+        with _autocast_off(input.device.type):
+            output, h_n, c_n, _, _, _ = _ops.lstm_forward(*args, batch_sizes, reverse)
     return output, h_n, c_n
+
+
+def _records_autograd():
+    """Whether lstm() goes through LSTMFunction: always with grad mode on, under torch.compile
+    and torch.export (which trace LSTMFunction whole), and under torch.func transforms (whose
+    errors and rules live on the Function); otherwise (no_grad, inference_mode) the bare op
+    gives the same results."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return True
+    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return transforms_active is None or transforms_active()
 
 
 def _distinct(args):

@@ -473,13 +473,15 @@ def test_cpu_row_blocks_match_reference(case):
 
 
 @pytest.mark.parametrize("shape", [(20, 13, 5, 33, 0), (20, 13, 5, 33, 5), (8, 40, 2, 70, 17),
-                                   (2, 1, 1, 1, 0)],
-                         ids=["N13-H33", "N13-H33-P5", "N40-H70-P17", "all-one"])
+                                   (2, 1, 1, 1, 0), (7, 9, 5, 33, 4), (8, 8, 5, 33, 4)],
+                         ids=["N13-H33", "N13-H33-P5", "N40-H70-P17", "all-one",
+                              "63-rows-unpacked", "64-rows-packed"])
 def test_cpu_float_step_gemms_at_awkward_sizes(cpu_path, shape):
     """Float32 on the AVX-512 / AVX2 paths multiplies by weights packed once per call
-    (csrc/cpu/gemm_cpu.h), the input projection and dx too once T N reaches kMinPackedRows =
-    256 (below, as in the all-one case, BLAS), and sums the weight gradients with the same
-    tiles; the scalar path calls BLAS.
+    (csrc/cpu/gemm_cpu.h) once the loop's steps take kMinPackedStepRows = 64 rows in all (63
+    and 64 here; below, BLAS on the weights as they are), the input projection and dx too
+    once T N reaches kMinPackedRows = 256 (below, as in the all-one case, BLAS), and sums the
+    weight gradients with the same tiles; the scalar path calls BLAS.
     Row counts off the 8- and 6-row tiles, column counts off the 32- and 16-column panels
     (G = 132, 280; P = 5, 17 below one vector), and one block (N = 13) or two (N = 40, 3
     threads: blocks of at least 16 rows) must all equal the float64 reference; and since
@@ -554,3 +556,40 @@ def test_unrequested_gradients_are_not_computed_by_lstm():
     assert leaves[0].grad is None and leaves[3].grad is None
     for k in (1, 2, 4, 5):
         assert torch.equal(leaves[k].grad, full[k])
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_calls_without_autograd_match_the_recorded_path(device, mode, monkeypatch):
+    """With nothing to differentiate, lstm() calls the op without LSTMFunction (whose per-call
+    cost was most of an LSTMCell step): the same results, bitwise, as a call that records a
+    graph, packed and reverse included, and under autocast in the autocast dtype."""
+    args = make_args(5, 3, 4, 6, 2, dtype=torch.float32, device=device, seed=23)
+    kw = dict(batch_sizes=packed_batch_sizes([5, 3, 1]), reverse=True)
+    recorded = [t.detach() for t in _call(args, **kw)]
+    calls = []
+    monkeypatch.setattr(hl._ops.LSTMFunction, "apply",
+                        lambda *a: calls.append(1) or pytest.fail("LSTMFunction.apply called"))
+    with getattr(torch, mode)():
+        direct = _call(args, **kw)
+    assert not calls
+    for a, b in zip(direct, recorded):
+        assert not a.requires_grad and torch.equal(a, b)
+    if device == "cpu":
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = _call(args, **kw)
+        assert all(t.dtype == torch.bfloat16 for t in cast)
+        monkeypatch.undo()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            recorded_cast = _call(args, **kw)
+        for a, b in zip(cast, recorded_cast):
+            assert torch.equal(a, b.detach())
+
+
+def test_no_grad_under_a_torch_func_transform_still_goes_through_the_function():
+    """vmap's clear error lives on LSTMFunction; under no_grad it must still be met."""
+    x = torch.randn(3, 2, 1, 4)
+    h = torch.zeros(1, 5)
+    w_ih, w_hh = torch.randn(20, 4), torch.randn(20, 5)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="vmap over LSTMFunction"):
+        torch.func.vmap(lambda x: hl.lstm(x, h, h, w_ih, w_hh)[0])(x)
