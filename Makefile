@@ -11,7 +11,7 @@ MAX_JOBS ?= 2
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 BUILT := $(VENV)/.built-extension
-SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/*.cu csrc/cpu/*.h csrc/cpu/*.cpp)
+SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cuh csrc/*.cpp csrc/*.cu csrc/cpu/*.h csrc/cpu/*.cpp)
 
 .PHONY: test bench build clean
 

@@ -1,30 +1,20 @@
-// What the two persistent CUDA designs share: the single-block loops
+// What the launch code of the two persistent CUDA designs shares: the single-block loops
 // (lstm_cuda_persistent.cu, W_hh whole in one block) and the cooperative loops
 // (lstm_cuda_cooperative.cu, W_hh split across blocks with a grid-wide barrier per step).
+// Their device code is in lstm_cuda_persistent_kernels.cuh and lstm_cuda_cooperative_kernels.cuh.
 #pragma once
 
-#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
 #include <cstdint>
 #include <type_traits>
 
-#include "gate_math.h"
 #include "lstm.h"
+#include "lstm_cuda_persistent_kernels.cuh"
 
 namespace handlstm {
 namespace persistent {
-
-constexpr int kThreads = 256;
-
-// The value a tensor of scalar_t would hold: what the generic loop reads back from memory.
-// Both designs round the gates, c_t, h_t and dh to the tensor dtype at every step, so that they
-// follow the generic loop's rounding points element for element.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t stored(acc_t v) {
-  return static_cast<acc_t>(static_cast<scalar_t>(v));
-}
 
 // Whether the arguments are of the shape both designs serve: no projection, no packed batch
 // (every row active at every step), something to do.

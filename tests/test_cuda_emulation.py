@@ -1,0 +1,218 @@
+"""The persistent CUDA kernels, run on the CPU: their own source
+(csrc/lstm_cuda_persistent_kernels.cuh, csrc/lstm_cuda_cooperative_kernels.cuh) compiled as
+C++ with stand-ins for the CUDA built-ins (tests/cuda_emulation/emulation.h: every CUDA thread
+an OS thread, barriers and warp shuffles emulated), once under AddressSanitizer + UBSan and
+once under ThreadSanitizer, and compared with the float64 oracle (handlstm_cuda.reference).
+
+This is how these kernels first run without a GPU: wrong indices, a barrier missing between a
+shared-memory write and another thread's read, an access beyond a buffer or a read of shared
+memory nothing wrote (which starts as NaN bytes) all fail here. What it cannot see (timing,
+co-residency, the GPU's caches, the launch code) is for benchmarks/gpu_check.sh on a GPU.
+
+The harness gets the pre-activations from the input (x W_ih^T + b) as its `gates`, so the
+oracle is reference.lstm with that tensor as input and W_ih the identity.
+Shape vocabulary: T time, N batch, H hidden, G = 4H; R rows per block (or rows tile), U hidden
+units per block of the cooperative design.
+"""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+from handlstm_cuda import reference
+
+ROOT = Path(__file__).resolve().parent.parent
+HARNESS = ROOT / "tests" / "cuda_emulation" / "harness.cpp"
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+# Each kernel rounds what it stores to the dtype at every step, as the generic loop does; these
+# bound the difference from float64 relative to the largest value (a few units of the dtype's
+# rounding, grown over a few steps).
+TOL = {"float32": 1e-5, "bfloat16": 3e-2, "float16": 5e-3}
+SANITIZERS = {
+    "address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
+    "thread": ["-fsanitize=thread"],
+}
+ENV = {"ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0",
+       "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+       "TSAN_OPTIONS": "halt_on_error=1:exitcode=66:report_signal_unsafe=0"}
+
+# (dtype, T, N, H, R, reverse, grad_output). Grids of 1 to 3 blocks with a last block of fewer
+# rows, H not a multiple of 32 and H = 1, T = 1, every rows variant R.
+SINGLE = [
+    ("float64", 3, 1, 5, 1, False, True),
+    ("float64", 4, 5, 7, 2, True, True),
+    ("float64", 2, 3, 33, 4, False, False),
+    ("float64", 2, 9, 3, 8, True, True),
+    ("float64", 1, 2, 1, 2, False, True),
+    ("float32", 3, 4, 16, 4, False, True),
+    ("bfloat16", 3, 2, 12, 2, True, True),
+    ("float16", 3, 3, 12, 4, False, True),
+]
+# (dtype, T, N, H, R, U, reverse, grad_output). 1 to 4 blocks, the last with fewer units; N
+# below, at and above the rows tile; U = 1 (a partial sum per gate row); a block's N x U carries
+# fewer than its threads (threads share an element of dh's gather) and more (several passes).
+COOPERATIVE = [
+    ("float64", 3, 1, 5, 1, 2, False, True),
+    ("float64", 3, 3, 21, 4, 8, True, True),
+    ("float64", 2, 9, 16, 8, 4, False, False),
+    ("float64", 1, 2, 40, 2, 40, False, True),
+    ("float64", 2, 2, 3, 2, 1, True, True),
+    ("float32", 3, 4, 33, 4, 11, False, True),
+    ("float32", 2, 9, 64, 8, 32, False, True),
+    ("bfloat16", 3, 2, 12, 2, 4, True, True),
+    ("float16", 3, 2, 12, 2, 5, False, True),
+]
+
+
+def _case_id(case):
+    return "-".join(str(int(v) if isinstance(v, bool) else v) for v in case)
+
+
+@pytest.fixture(scope="module", params=sorted(SANITIZERS))
+def harness(request, tmp_path_factory):
+    """The harness built under one sanitizer (about a minute on two cores)."""
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        pytest.skip("no C++ compiler (g++ or $CXX) to build the emulation harness")
+    out = tmp_path_factory.mktemp("cuda_emulation") / f"harness_{request.param}"
+    include = [f"-I{p}" for p in [ROOT / "csrc", *cpp_extension.include_paths()]]
+    libs = cpp_extension.library_paths()
+    cmd = [compiler, "-std=c++20", "-O1", "-g", "-fno-omit-frame-pointer", "-pthread",
+           *SANITIZERS[request.param], *include, str(HARNESS), "-o", str(out),
+           *[f"-L{p}" for p in libs], *[f"-Wl,-rpath,{p}" for p in libs], "-lc10"]
+    built = subprocess.run(cmd, capture_output=True, text=True)
+    assert built.returncode == 0, f"building the harness failed:\n{built.stderr[-4000:]}"
+    return request.param, out
+
+
+def _run(harness, design, direction, dtype, T, N, H, R, U, reverse, grad_output, folder):
+    _, exe = harness
+    args = [str(exe), design, direction, dtype, str(T), str(N), str(H), str(R), str(U),
+            str(int(reverse)), str(int(grad_output)), str(folder)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **ENV})
+    assert done.returncode == 0, (
+        f"{design} {direction} failed (exit {done.returncode}):\n{done.stderr[-6000:]}")
+    assert "Sanitizer" not in done.stderr, done.stderr[-6000:]
+
+
+def _write(folder, name, tensor, dtype):
+    tensor.to(DTYPES[dtype]).contiguous().view(torch.uint8).numpy().tofile(folder / name)
+
+
+def _read(folder, name, shape, dtype):
+    raw = torch.from_file(str(folder / f"{name}.out"), size=int(torch.Size(shape).numel()) *
+                          DTYPES[dtype].itemsize, dtype=torch.uint8)
+    return raw.view(DTYPES[dtype]).reshape(shape).double()
+
+
+def _rounded(tensor, dtype):
+    """The float64 value of `tensor` as stored in `dtype`: what the harness reads."""
+    return tensor.to(DTYPES[dtype]).double()
+
+
+def _inputs(T, N, H, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape, scale=1.0: _rounded(torch.randn(*shape, generator=g, dtype=torch.float64)
+                                           * scale, dtype)
+    G = 4 * H
+    return dict(x=r(T, N, G), h0=r(N, H), c0=r(N, H), w_hh=r(G, H, scale=H ** -0.5),
+                grad_output=r(T, N, H), dh=r(N, H), dc=r(N, H))
+
+
+def _oracle(inp, reverse, grad_output):
+    """Activated gates, c_t and h_t of every step, and the gradients of
+    sum(output * grad_output) + sum(h_n * dh) + sum(c_n * dc) with respect to the
+    pre-activations from the input, h0 and c0: all in float64 from reference.py."""
+    x = inp["x"].clone().requires_grad_()
+    h0 = inp["h0"].clone().requires_grad_()
+    c0 = inp["c0"].clone().requires_grad_()
+    T, N, G = x.shape
+    H = G // 4
+    eye = torch.eye(G, dtype=torch.float64)
+    output, h_n, c_n = reference.lstm(x, h0, c0, eye, inp["w_hh"], reverse=reverse)
+    loss = (h_n * inp["dh"]).sum() + (c_n * inp["dc"]).sum()
+    if grad_output:
+        loss = loss + (output * inp["grad_output"]).sum()
+    dgates, dh0, dc0 = torch.autograd.grad(loss, (x, h0, c0))
+    # The per-step gates and cells, from the same reference functions.
+    gates = torch.empty(T, N, G, dtype=torch.float64)
+    cells = torch.empty(T, N, H, dtype=torch.float64)
+    h, c = inp["h0"], inp["c0"]
+    with torch.no_grad():
+        for t in (range(T - 1, -1, -1) if reverse else range(T)):
+            p = x[t] + h @ inp["w_hh"].t()
+            p_i, p_f, p_g, p_o = p.split(H, dim=1)
+            gates[t] = torch.cat([reference.input_gate(p_i), reference.forget_gate(p_f),
+                                  reference.cell_gate(p_g), reference.output_gate(p_o)], dim=1)
+            h, c = reference.lstm_cell(x[t], h, c, eye, inp["w_hh"])
+            cells[t] = c
+    return dict(gates=gates, cells=cells, output=output.detach(), dgates=dgates, dh=dh0, dc=dc0)
+
+
+def _compare(name, ours, expected, dtype):
+    assert not ours.isnan().any(), f"{name}: NaN (an element never written, or read unwritten)"
+    if dtype == "float64":
+        torch.testing.assert_close(ours, expected, atol=1e-12, rtol=1e-10, msg=name)
+    else:
+        scale = max(1.0, expected.abs().max().item())
+        err = (ours - expected).abs().max().item()
+        allowed = TOL[dtype] * scale
+        assert err <= allowed, f"{name}: max error {err:.3g}, allowed {allowed:.3g}"
+
+
+def _check(harness, design, folder, dtype, T, N, H, R, U, reverse, grad_output, seed):
+    inp = _inputs(T, N, H, dtype, seed)
+    want = _oracle(inp, reverse, grad_output)
+    G = 4 * H
+    # Forward.
+    for name, value in [("gates", inp["x"]), ("h0", inp["h0"]), ("c0", inp["c0"]),
+                        ("w_hh", inp["w_hh"])]:
+        _write(folder, name, value, dtype)
+    _run(harness, design, "forward", dtype, T, N, H, R, U, reverse, grad_output, folder)
+    for name, shape in [("gates", (T, N, G)), ("cells", (T, N, H)), ("output", (T, N, H))]:
+        _compare(f"forward {name}", _read(folder, name, shape, dtype), want[name], dtype)
+    # Backward, from the oracle's forward as the forward would have saved it.
+    for name, value in [("gates", want["gates"]), ("cells", want["cells"]),
+                        ("grad_output", inp["grad_output"]), ("dh", inp["dh"]), ("dc", inp["dc"])]:
+        _write(folder, name, value, dtype)
+    _run(harness, design, "backward", dtype, T, N, H, R, U, reverse, grad_output, folder)
+    for name, shape in [("dgates", (T, N, G)), ("dh", (N, H)), ("dc", (N, H))]:
+        _compare(f"backward {name}", _read(folder, name, shape, dtype), want[name], dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SINGLE, ids=_case_id)
+def test_single_block_kernels_match_the_reference(harness, case, tmp_path):
+    dtype, T, N, H, R, reverse, grad_output = case
+    _check(harness, "single", tmp_path, dtype, T, N, H, R, 0, reverse, grad_output, seed=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", COOPERATIVE, ids=_case_id)
+def test_cooperative_kernels_match_the_reference(harness, case, tmp_path):
+    dtype, T, N, H, R, U, reverse, grad_output = case
+    _check(harness, "cooperative", tmp_path, dtype, T, N, H, R, U, reverse, grad_output, seed=2)
+
+
+@pytest.mark.slow
+def test_cooperative_backward_is_bitwise_reproducible(harness, tmp_path):
+    """The partial sums of dh are gathered in a fixed order, whatever order the blocks finish."""
+    dtype, T, N, H, R, U = "float32", 3, 3, 21, 4, 5
+    inp = _inputs(T, N, H, dtype, seed=3)
+    want = _oracle(inp, False, True)
+    for name, value in [("gates", want["gates"]), ("cells", want["cells"]), ("c0", inp["c0"]),
+                        ("w_hh", inp["w_hh"]), ("grad_output", inp["grad_output"]),
+                        ("dh", inp["dh"]), ("dc", inp["dc"])]:
+        _write(tmp_path, name, value, dtype)
+    runs = []
+    for _ in range(2):
+        _run(harness, "cooperative", "backward", dtype, T, N, H, R, U, False, True, tmp_path)
+        runs.append({n: (tmp_path / f"{n}.out").read_bytes() for n in ("dgates", "dh", "dc")})
+    assert runs[0] == runs[1]
