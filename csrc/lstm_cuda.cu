@@ -1,12 +1,10 @@
-// CUDA backend: the fused pointwise kernels (cell_forward_kernel / cell_backward_kernel), their
-// launchers, and the backend entries registered for the CUDA dispatch key. GEMMs run in the
-// shared driver through ATen, i.e. cuBLAS with ATen's handle on the caller's current stream.
-// The persistent time loops (lstm_cuda_persistent.cu, lstm_cuda_cooperative.cu) replace the
-// per-step loop when enabled and in their scope; in the "graph" mode the entries below hand the
-// whole call to run_graphed (lstm_cuda_graph.cpp), which replays it from a CUDA graph.
-//
-// One thread per (row, hidden unit) element of a step, a grid-stride loop over n * H with
-// 64-bit indices, so no element count or grid dimension limit applies.
+// CUDA backend: the launchers of the fused pointwise kernels (cell_forward_kernel /
+// cell_backward_kernel, in lstm_cuda_cell_kernels.cuh) and the backend entries registered for
+// the CUDA dispatch key. GEMMs run in the shared driver through ATen, i.e. cuBLAS with ATen's
+// handle on the caller's current stream. The persistent time loops (lstm_cuda_persistent.cu,
+// lstm_cuda_cooperative.cu) replace the per-step loop when enabled and in their scope; in the
+// "graph" mode the entries below hand the whole call to run_graphed (lstm_cuda_graph.cpp),
+// which replays it from a CUDA graph.
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/Dispatch.h>
@@ -16,12 +14,14 @@
 
 #include <algorithm>
 
-#include "gate_math.h"
 #include "lstm.h"
+#include "lstm_cuda_cell_kernels.cuh"
 
 namespace handlstm {
 namespace {
 
+using cuda_cell::cell_backward_kernel;
+using cuda_cell::cell_forward_kernel;
 constexpr int kThreads = 256;
 
 // Blocks for `count` elements: enough to fill the GPU several times over, then the grid-stride
@@ -30,58 +30,6 @@ unsigned int blocks_for(int64_t count) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t wanted = (count + kThreads - 1) / kThreads;
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(wanted, sms * 32)));
-}
-
-// gates (n, 4H) in: pre-activations, out: activated; c_prev (n_prev, H); c0 (N, H);
-// c, m (n, H).
-template <typename scalar_t>
-__global__ void cell_forward_kernel(scalar_t* __restrict__ gates,
-                                    const scalar_t* __restrict__ c_prev,
-                                    const scalar_t* __restrict__ c0, scalar_t* __restrict__ c,
-                                    scalar_t* __restrict__ m, int64_t n, int64_t H,
-                                    int64_t n_prev) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t count = n * H;
-  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < count;
-       k += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t row = k / H;
-    const int64_t j = k - row * H;
-    scalar_t* g = gates + row * 4 * H;
-    const acc_t cp = c_prev_row(c_prev, c0, row, H, n_prev)[j];
-    acc_t cv, mv;
-    const auto a = cell_forward<acc_t>(g[j], g[H + j], g[2 * H + j], g[3 * H + j], cp, &cv, &mv);
-    store_gates<scalar_t>(g, H, j, a);
-    c[k] = cv;
-    m[k] = mv;
-  }
-}
-
-// gates (n, 4H) activated; c (n, H); c_prev (n_prev, H); c0 (N, H); dm, grad_out (n, H),
-// grad_out may be null; dc (n, H) in dL/dc_t, out dL/dc_{t-1}; dgates (n, 4H).
-template <typename scalar_t>
-__global__ void cell_backward_kernel(const scalar_t* __restrict__ gates,
-                                     const scalar_t* __restrict__ c,
-                                     const scalar_t* __restrict__ c_prev,
-                                     const scalar_t* __restrict__ c0,
-                                     const scalar_t* __restrict__ dm,
-                                     const scalar_t* __restrict__ grad_out,
-                                     scalar_t* __restrict__ dc, scalar_t* __restrict__ dgates,
-                                     int64_t n, int64_t H, int64_t n_prev) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t count = n * H;
-  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < count;
-       k += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t row = k / H;
-    const int64_t j = k - row * H;
-    const Gates<acc_t> a = load_gates<acc_t>(gates + row * 4 * H, H, j);
-    acc_t dmv = dm[k];
-    if (grad_out != nullptr) dmv += acc_t(grad_out[k]);
-    acc_t dcp;
-    const auto dp = cell_backward<acc_t>(a, c[k], c_prev_row(c_prev, c0, row, H, n_prev)[j], dmv,
-                                         dc[k], &dcp);
-    store_gates<scalar_t>(dgates + row * 4 * H, H, j, dp);
-    dc[k] = dcp;
-  }
 }
 
 void launch_cell_forward(const CellForwardArgs& a) {

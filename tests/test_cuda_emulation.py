@@ -70,6 +70,21 @@ COOPERATIVE = [
 ]
 
 
+# The generic loop's pointwise kernels for one step: (dtype, N, H, n, n_prev, blocks). The
+# first step (n_prev = 0), packed steps where fewer rows continue (reverse order: n > n_prev)
+# or as many, and grids smaller than the n H elements (the grid-stride loop).
+POINTWISE = [
+    ("float64", 3, 5, 3, 0, 1),
+    ("float64", 6, 7, 4, 6, 1),
+    ("float64", 6, 33, 5, 2, 2),
+    ("float64", 40, 16, 40, 40, 1),
+    ("float64", 1, 1, 1, 1, 1),
+    ("float32", 9, 100, 7, 3, 2),
+    ("bfloat16", 5, 12, 5, 4, 1),
+    ("float16", 5, 12, 3, 5, 1),
+]
+
+
 def _case_id(case):
     return "-".join(str(int(v) if isinstance(v, bool) else v) for v in case)
 
@@ -91,14 +106,16 @@ def harness(request, tmp_path_factory):
     return request.param, out
 
 
-def _run(harness, design, direction, dtype, T, N, H, R, U, reverse, grad_output, folder):
+def _run(harness, folder, **kw):
+    """One harness run; keys as harness.cpp lists them, those a design does not use at 0."""
     _, exe = harness
-    args = [str(exe), design, direction, dtype, str(T), str(N), str(H), str(R), str(U),
-            str(int(reverse)), str(int(grad_output)), str(folder)]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=600,
+    args = {**dict(T=0, N=0, H=0, R=1, U=0, n=0, n_prev=0, blocks=1, reverse=False,
+                   grad_output=False, dir=folder), **kw}
+    argv = [str(exe)] + [f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in args.items()]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600,
                           env={**os.environ, **ENV})
-    assert done.returncode == 0, (
-        f"{design} {direction} failed (exit {done.returncode}):\n{done.stderr[-6000:]}")
+    what = f"{kw['design']} {kw['direction']}"
+    assert done.returncode == 0, f"{what} failed (exit {done.returncode}):\n{done.stderr[-6000:]}"
     assert "Sanitizer" not in done.stderr, done.stderr[-6000:]
 
 
@@ -175,14 +192,16 @@ def _check(harness, design, folder, dtype, T, N, H, R, U, reverse, grad_output, 
     for name, value in [("gates", inp["x"]), ("h0", inp["h0"]), ("c0", inp["c0"]),
                         ("w_hh", inp["w_hh"])]:
         _write(folder, name, value, dtype)
-    _run(harness, design, "forward", dtype, T, N, H, R, U, reverse, grad_output, folder)
+    shape = dict(design=design, dtype=dtype, T=T, N=N, H=H, R=R, U=U, reverse=reverse,
+                 grad_output=grad_output)
+    _run(harness, folder, direction="forward", **shape)
     for name, shape in [("gates", (T, N, G)), ("cells", (T, N, H)), ("output", (T, N, H))]:
         _compare(f"forward {name}", _read(folder, name, shape, dtype), want[name], dtype)
     # Backward, from the oracle's forward as the forward would have saved it.
     for name, value in [("gates", want["gates"]), ("cells", want["cells"]),
                         ("grad_output", inp["grad_output"]), ("dh", inp["dh"]), ("dc", inp["dc"])]:
         _write(folder, name, value, dtype)
-    _run(harness, design, "backward", dtype, T, N, H, R, U, reverse, grad_output, folder)
+    _run(harness, folder, direction="backward", **shape)
     for name, shape in [("dgates", (T, N, G)), ("dh", (N, H)), ("dc", (N, H))]:
         _compare(f"backward {name}", _read(folder, name, shape, dtype), want[name], dtype)
 
@@ -213,6 +232,51 @@ def test_cooperative_backward_is_bitwise_reproducible(harness, tmp_path):
         _write(tmp_path, name, value, dtype)
     runs = []
     for _ in range(2):
-        _run(harness, "cooperative", "backward", dtype, T, N, H, R, U, False, True, tmp_path)
+        _run(harness, tmp_path, design="cooperative", direction="backward", dtype=dtype, T=T,
+             N=N, H=H, R=R, U=U, grad_output=True)
         runs.append({n: (tmp_path / f"{n}.out").read_bytes() for n in ("dgates", "dh", "dc")})
     assert runs[0] == runs[1]
+
+
+def _pointwise_oracle(p, c_prev, c0, n_prev, dm, grad_output, dc):
+    """One step from the pre-activations p (n, 4H) in float64 with reference.py's gate
+    functions: the activated gates, c_t and m_t, and the gradients of
+    sum(m_t * (dm + grad_output)) + sum(c_t * dc) with respect to p and c_{t-1}."""
+    n, H = p.shape[0], p.shape[1] // 4
+    p = p.clone().requires_grad_()
+    rows = [c_prev[r] if r < n_prev else c0[r] for r in range(n)]
+    cp = torch.stack(rows).requires_grad_()
+    p_i, p_f, p_g, p_o = p.split(H, dim=1)
+    i, f, g, o = (reference.input_gate(p_i), reference.forget_gate(p_f),
+                  reference.cell_gate(p_g), reference.output_gate(p_o))
+    c = reference.cell_state(i, f, g, cp)
+    m = reference.hidden_state(o, c)
+    loss = (m * (dm + grad_output)).sum() + (c * dc).sum()
+    dgates, dcp = torch.autograd.grad(loss, (p, cp))
+    gates = torch.cat([i, f, g, o], dim=1).detach()
+    return dict(gates=gates, c=c.detach(), m=m.detach(), dgates=dgates, dc=dcp)
+
+
+@pytest.mark.parametrize("grad_output", [True, False], ids=["grad_output", "no_grad_output"])
+@pytest.mark.parametrize("case", POINTWISE, ids=_case_id)
+def test_pointwise_kernels_match_the_reference(harness, case, grad_output, tmp_path):
+    dtype, N, H, n, n_prev, blocks = case
+    g = torch.Generator().manual_seed(4)
+    r = lambda *shape: _rounded(torch.randn(*shape, generator=g, dtype=torch.float64), dtype)
+    p, c_prev, c0 = r(n, 4 * H), r(max(n_prev, 1), H), r(N, H)
+    dm, go, dc = r(n, H), r(n, H), r(n, H)
+    want = _pointwise_oracle(p, c_prev, c0, n_prev, dm, go if grad_output else 0 * go, dc)
+    shape = dict(design="pointwise", dtype=dtype, N=N, H=H, n=n, n_prev=n_prev, blocks=blocks,
+                 grad_output=grad_output)
+    for name, value in [("gates", p), ("c0", c0)] + ([("c_prev", c_prev[:n_prev])] if n_prev
+                                                     else []):
+        _write(tmp_path, name, value, dtype)
+    _run(harness, tmp_path, direction="forward", **shape)
+    for name, shp in [("gates", (n, 4 * H)), ("c", (n, H)), ("m", (n, H))]:
+        _compare(f"forward {name}", _read(tmp_path, name, shp, dtype), want[name], dtype)
+    for name, value in [("gates", want["gates"]), ("c", want["c"]), ("dm", dm),
+                        ("grad_output", go), ("dc", dc)]:
+        _write(tmp_path, name, value, dtype)
+    _run(harness, tmp_path, direction="backward", **shape)
+    for name, shp in [("dgates", (n, 4 * H)), ("dc", (n, H))]:
+        _compare(f"backward {name}", _read(tmp_path, name, shp, dtype), want[name], dtype)

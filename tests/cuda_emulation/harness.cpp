@@ -1,26 +1,39 @@
-// Runs one persistent CUDA kernel, compiled from its own source for the CPU (emulation.h), on
-// inputs read from a folder, and writes its outputs there. Driven by
+// Runs one CUDA kernel of the extension, compiled from its own source for the CPU
+// (emulation.h), on inputs read from a folder, and writes its outputs there. Driven by
 // tests/test_cuda_emulation.py, which builds this file under AddressSanitizer and under
 // ThreadSanitizer and compares the outputs with the float64 oracle.
 //
-//   harness DESIGN DIRECTION DTYPE T N H R U REVERSE GRAD_OUTPUT DIR
-//     DESIGN     single (W_hh whole in each block) or cooperative (W_hh split by hidden unit)
-//     DIRECTION  forward or backward
-//     DTYPE      float64, float32, bfloat16 or float16
+//   harness key=value ...   with every key below (shape vocabulary in csrc/gate_math.h):
+//     design     single (persistent, W_hh whole in each block), cooperative (persistent, W_hh
+//                split by hidden unit) or pointwise (the generic loop's kernels, one step)
+//     direction  forward or backward;  dtype  float64, float32, bfloat16 or float16
+//     T, N, H    steps, batch rows (pointwise: rows of c0), hidden size
 //     R          rows per block (single) or the rows tile (cooperative): 1, 2, 4 or 8
-//     U          hidden units per block (cooperative; ignored by single)
-//     REVERSE, GRAD_OUTPUT   0 or 1 (GRAD_OUTPUT: whether the backward gets dL/doutput)
+//     U          hidden units per block (cooperative)
+//     n, n_prev  pointwise: the step's active rows, and the rows continuing the step before
+//     blocks     pointwise: the grid (its kernels loop over n H elements with a grid stride)
+//     reverse, grad_output   0 or 1 (grad_output: whether the backward gets dL/doutput)
+//     dir        the folder
+// Keys a design does not use are ignored.
 //
-// Files in DIR, raw arrays of DTYPE in row-major order (shape vocabulary in csrc/gate_math.h):
-//   forward   reads  gates (T, N, 4H) pre-activations from the input, h0, c0 (N, H), w_hh (4H, H)
-//             writes gates.out (activated), cells.out, output.out (T, N, H)
-//   backward  reads  gates (T, N, 4H) activated, cells (T, N, H), c0, w_hh, dh, dc (N, H) and,
-//                    with GRAD_OUTPUT, grad_output (T, N, H)
-//             writes dgates.out (T, N, 4H), dh.out, dc.out (N, H)
+// Files in DIR, raw arrays of DTYPE in row-major order:
+//   single, cooperative
+//     forward   reads  gates (T, N, 4H) pre-activations from the input, h0, c0 (N, H), w_hh
+//                      (4H, H); writes gates.out (activated), cells.out, output.out (T, N, H)
+//     backward  reads  gates (T, N, 4H) activated, cells (T, N, H), c0, w_hh, dh, dc (N, H)
+//                      and, with grad_output, grad_output (T, N, H)
+//               writes dgates.out (T, N, 4H), dh.out, dc.out (N, H)
+//   pointwise (no c_prev file when n_prev = 0)
+//     forward   reads  gates (n, 4H) pre-activations, c_prev (n_prev, H), c0 (N, H)
+//               writes gates.out (activated), c.out, m.out (n, H)
+//     backward  reads  gates (n, 4H) activated, c (n, H), c_prev, c0, dm (n, H), dc (n, H) and,
+//                      with grad_output, grad_output (n, H)
+//               writes dgates.out (n, 4H), dc.out (n, H)
 // Every buffer is allocated at its exact size, and outputs start as NaN bytes, so a write out of
 // bounds is an AddressSanitizer report and an element never written is a NaN in the result.
 #include "emulation.h"
 
+#include "lstm_cuda_cell_kernels.cuh"
 #include "lstm_cuda_cooperative_kernels.cuh"
 #include "lstm_cuda_persistent_kernels.cuh"
 
@@ -29,6 +42,7 @@
 
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -68,11 +82,54 @@ std::vector<T> nan_array(size_t count) {
 }
 
 struct Args {
-  std::string design, direction, dir;
-  int64_t T, N, H, U;
+  std::string design, direction, dtype, dir;
+  int64_t T, N, H, U, n, n_prev, blocks;
   int R;
   bool reverse, grad_output;
 };
+
+// The generic loop's pointwise kernels for one step.
+template <typename scalar_t>
+void run_pointwise(const Args& a) {
+  const int64_t N = a.N, H = a.H, G = 4 * H, n = a.n, n_prev = a.n_prev;
+  const auto in = [&](const char* name, int64_t count) {
+    return read_array<scalar_t>(a.dir + "/" + name, size_t(count));
+  };
+  const auto out = [&](const char* name, const std::vector<scalar_t>& v) {
+    write_array(a.dir + "/" + name + std::string(".out"), v);
+  };
+  std::vector<scalar_t> gates = in("gates", n * G);
+  const std::vector<scalar_t> c0 = in("c0", N * H);
+  std::vector<scalar_t> c_prev;
+  if (n_prev > 0) c_prev = in("c_prev", n_prev * H);
+  const scalar_t* cp = n_prev > 0 ? c_prev.data() : nullptr;
+  const auto grid = unsigned(a.blocks);
+  if (a.direction == "forward") {
+    std::vector<scalar_t> c = nan_array<scalar_t>(n * H), m = nan_array<scalar_t>(n * H);
+    cuda_emulation::launch(grid, kThreads, 0, false, [&] {
+      handlstm::cuda_cell::cell_forward_kernel<scalar_t>(gates.data(), cp, c0.data(), c.data(),
+                                                         m.data(), n, H, n_prev);
+    });
+    out("gates", gates);
+    out("c", c);
+    out("m", m);
+  } else if (a.direction == "backward") {
+    const std::vector<scalar_t> c = in("c", n * H), dm = in("dm", n * H);
+    std::vector<scalar_t> grad_output;
+    if (a.grad_output) grad_output = in("grad_output", n * H);
+    const scalar_t* go = a.grad_output ? grad_output.data() : nullptr;
+    std::vector<scalar_t> dc = in("dc", n * H), dgates = nan_array<scalar_t>(n * G);
+    cuda_emulation::launch(grid, kThreads, 0, false, [&] {
+      handlstm::cuda_cell::cell_backward_kernel<scalar_t>(gates.data(), c.data(), cp, c0.data(),
+                                                          dm.data(), go, dc.data(),
+                                                          dgates.data(), n, H, n_prev);
+    });
+    out("dgates", dgates);
+    out("dc", dc);
+  } else {
+    throw std::runtime_error("unknown direction " + a.direction);
+  }
+}
 
 template <typename scalar_t, int R>
 void run(const Args& a) {
@@ -148,6 +205,7 @@ void run(const Args& a) {
 
 template <typename scalar_t>
 void run_dtype(const Args& a) {
+  if (a.design == "pointwise") return run_pointwise<scalar_t>(a);
   switch (a.R) {
     case 1: return run<scalar_t, 1>(a);
     case 2: return run<scalar_t, 2>(a);
@@ -159,27 +217,40 @@ void run_dtype(const Args& a) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  if (argc != 12) {
-    std::fprintf(stderr, "usage: %s DESIGN DIRECTION DTYPE T N H R U REVERSE GRAD_OUTPUT DIR\n",
-                 argv[0]);
-    return 2;
+// key=value arguments; every key named in `keys` must be there.
+std::map<std::string, std::string> parse_args(int argc, char** argv,
+                                              const std::vector<std::string>& keys) {
+  std::map<std::string, std::string> kv;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    const auto eq = arg.find('=');
+    if (eq == std::string::npos) throw std::runtime_error("expected key=value, got " + arg);
+    kv[arg.substr(0, eq)] = arg.substr(eq + 1);
   }
+  for (const auto& k : keys) {
+    if (!kv.count(k)) throw std::runtime_error("missing argument " + k + "=");
+  }
+  return kv;
+}
+
+int main(int argc, char** argv) {
   try {
-    Args a{argv[1], argv[2], argv[11], std::stoll(argv[4]), std::stoll(argv[5]),
-           std::stoll(argv[6]), std::stoll(argv[8]), std::stoi(argv[7]),
-           std::string(argv[9]) == "1", std::string(argv[10]) == "1"};
-    const std::string dtype = argv[3];
-    if (dtype == "float64") {
+    auto kv = parse_args(argc, argv, {"design", "direction", "dtype", "T", "N", "H", "R", "U",
+                                      "n", "n_prev", "blocks", "reverse", "grad_output", "dir"});
+    const auto num = [&](const char* k) { return std::stoll(kv[k]); };
+    Args a{kv["design"], kv["direction"], kv["dtype"], kv["dir"], num("T"), num("N"), num("H"),
+           num("U"), num("n"), num("n_prev"), num("blocks"), int(num("R")), kv["reverse"] == "1",
+           kv["grad_output"] == "1"};
+    if (a.dtype == "float64") {
       run_dtype<double>(a);
-    } else if (dtype == "float32") {
+    } else if (a.dtype == "float32") {
       run_dtype<float>(a);
-    } else if (dtype == "bfloat16") {
+    } else if (a.dtype == "bfloat16") {
       run_dtype<c10::BFloat16>(a);
-    } else if (dtype == "float16") {
+    } else if (a.dtype == "float16") {
       run_dtype<c10::Half>(a);
     } else {
-      throw std::runtime_error("unknown dtype " + dtype);
+      throw std::runtime_error("unknown dtype " + a.dtype);
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "harness: %s\n", e.what());
