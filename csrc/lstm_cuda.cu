@@ -22,7 +22,7 @@ namespace {
 
 using cuda_cell::cell_backward_kernel;
 using cuda_cell::cell_forward_kernel;
-constexpr int kThreads = 256;
+using cuda_cell::kThreads;
 
 // Blocks for `count` elements: enough to fill the GPU several times over, then the grid-stride
 // loop covers the rest.

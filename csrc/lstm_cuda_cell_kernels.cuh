@@ -16,6 +16,9 @@
 namespace handlstm {
 namespace cuda_cell {
 
+// Threads per block of both kernels.
+constexpr int kThreads = 256;
+
 // gates (n, 4H) in: pre-activations, out: activated; c_prev (n_prev, H); c0 (N, H);
 // c, m (n, H).
 template <typename scalar_t>

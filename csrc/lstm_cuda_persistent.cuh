@@ -26,9 +26,6 @@ inline bool plain_shape(const LoopArgs& a) {
   return true;
 }
 
-// Batch rows held in a thread's accumulators: the next power of two of N, at most 8.
-inline int rows_tile(int64_t N) { return N <= 1 ? 1 : N <= 2 ? 2 : N <= 4 ? 4 : 8; }
-
 // f(std::integral_constant<int, R>{}) for a rows tile R from rows_tile: the kernels take R as a
 // template argument (their per-thread accumulators).
 template <typename F>

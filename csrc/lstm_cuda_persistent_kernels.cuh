@@ -27,6 +27,10 @@ __device__ __forceinline__ acc_t stored(acc_t v) {
   return static_cast<acc_t>(static_cast<scalar_t>(v));
 }
 
+// Batch rows held in a thread's accumulators: the next power of two of N, at most 8. The
+// cooperative loops take R = rows_tile(N); the single-block loops a tile of the rows per block.
+inline int rows_tile(int64_t N) { return N <= 1 ? 1 : N <= 2 ? 2 : N <= 4 ? 4 : 8; }
+
 #ifndef HANDLSTM_CUDA_EMULATION
 // The block's dynamic shared memory (the emulation supplies its own, one buffer per block).
 __device__ __forceinline__ unsigned char* dynamic_smem() {

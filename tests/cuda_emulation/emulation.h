@@ -1,25 +1,30 @@
-// Stand-ins for the CUDA built-ins the persistent kernels use, so that the kernels' own source
-// (csrc/lstm_cuda_persistent_kernels.cuh, csrc/lstm_cuda_cooperative_kernels.cuh) compiles as
-// plain C++ and runs on a CPU: every CUDA thread is an OS thread, and every block has a
-// shared-memory buffer of exactly the launch's dynamic size.
+// Stand-ins for the CUDA built-ins the extension's kernels use, so that the kernels' own source
+// (csrc/lstm_cuda_cell_kernels.cuh, csrc/lstm_cuda_persistent_kernels.cuh,
+// csrc/lstm_cuda_cooperative_kernels.cuh) compiles as plain C++ and runs on a CPU: every CUDA
+// thread is an OS thread, and every block has a shared-memory buffer of exactly the launch's
+// dynamic size.
 //
 // What a run here checks: the index arithmetic and the results against the float64 oracle;
-// under AddressSanitizer, every access to shared and global memory against the buffers' exact
-// bounds; under ThreadSanitizer, that every pair of threads touching one address is ordered by
-// a barrier (__syncthreads, the warp shuffles, the grid barrier): a missing or misplaced barrier
-// is a data race it reports. Shared memory starts as 0xFF bytes (NaN in every float type), so a
-// read of something never written shows up in the results. A barrier that some threads never
-// reach (a hang on a GPU) aborts here with its name after a timeout.
+// under AddressSanitizer, every access against the bounds of the global buffers and of the
+// block's shared-memory buffer as a whole (not of the regions a kernel carves out of it);
+// under ThreadSanitizer, that every pair of threads touching one address is ordered by a
+// barrier (__syncthreads, grid.sync()): a missing or misplaced barrier is a data race it
+// reports. A warp shuffle exchanges its values without ordering any memory, as on a GPU, so
+// relying on one as a fence is also reported. Shared memory starts as 0xFF bytes (NaN in every
+// float type), so a read of something never written shows up in the results. A barrier that
+// some threads never reach (a hang on a GPU) aborts here with its name after a timeout.
 //
-// What it cannot check: timing, occupancy and co-residency, the GPU's memory model (a stale L1
-// line after the grid barrier, which the kernels avoid with __ldcg), warp-synchronous
-// assumptions beyond the shuffles, and the launch code in the .cu files (the harness launches
-// the kernels with the grid and shared memory the launch code would compute).
+// What it cannot check: timing, occupancy and co-residency, shared-memory limits (the harness
+// checks those), the GPU's memory model (a stale L1 line after the grid barrier, which the
+// kernels avoid with __ldcg), warp-synchronous assumptions beyond the shuffles, and the launch
+// code in the .cu files (the harness launches the kernels with the grid and shared memory the
+// launch code would compute).
 #pragma once
 
 #define HANDLSTM_CUDA_EMULATION 1
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -37,6 +42,21 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 
+// Under ThreadSanitizer, the synchronisation a warp shuffle uses here to meet its lanes must not
+// count as ordering memory between them (a GPU's shuffle does not).
+#if defined(__SANITIZE_THREAD__)
+extern "C" void AnnotateIgnoreSyncBegin(const char* file, int line);
+extern "C" void AnnotateIgnoreSyncEnd(const char* file, int line);
+#define CUDA_EMULATION_UNORDERED(stmt)         \
+  do {                                         \
+    AnnotateIgnoreSyncBegin(__FILE__, __LINE__); \
+    stmt;                                      \
+    AnnotateIgnoreSyncEnd(__FILE__, __LINE__);   \
+  } while (0)
+#else
+#define CUDA_EMULATION_UNORDERED(stmt) stmt
+#endif
+
 namespace cuda_emulation {
 
 struct Dim3 {
@@ -44,25 +64,30 @@ struct Dim3 {
 };
 
 // A barrier for `count` threads. A GPU hangs when some threads of a barrier never reach it;
-// here the first waiter to see no progress for `kTimeout` aborts the process, naming it.
+// here the first waiter to see no progress for `kTimeout` aborts the process, naming it. The
+// mutex orders the threads' memory (what __syncthreads and grid.sync() promise), unless the
+// caller tells ThreadSanitizer to ignore it (the shuffles); the counters are atomics so that
+// they stay race-free for it either way.
 class Barrier {
  public:
   Barrier(int count, const char* what) : count_(count), what_(what) {}
 
   void wait() {
     static constexpr auto kTimeout = std::chrono::seconds(120);
+    constexpr auto relaxed = std::memory_order_relaxed;
     std::unique_lock<std::mutex> lock(mutex_);
-    const uint64_t generation = generation_;
-    if (++arrived_ == count_) {
-      arrived_ = 0;
-      ++generation_;
+    const uint64_t generation = generation_.load(relaxed);
+    if (arrived_.fetch_add(1, relaxed) + 1 == count_) {
+      arrived_.store(0, relaxed);
+      generation_.store(generation + 1, relaxed);
       released_.notify_all();
       return;
     }
-    if (!released_.wait_for(lock, kTimeout, [&] { return generation_ != generation; })) {
+    if (!released_.wait_for(lock, kTimeout,
+                            [&] { return generation_.load(relaxed) != generation; })) {
       std::fprintf(stderr, "cuda_emulation: %s barrier: %d of %d threads arrived, no progress "
-                   "for %lld s (a barrier some threads skip)\n", what_, arrived_, count_,
-                   static_cast<long long>(kTimeout.count()));
+                   "for %lld s (a barrier some threads skip)\n", what_, arrived_.load(relaxed),
+                   count_, static_cast<long long>(kTimeout.count()));
       std::abort();
     }
   }
@@ -72,14 +97,14 @@ class Barrier {
   const char* const what_;
   std::mutex mutex_;
   std::condition_variable released_;
-  int arrived_ = 0;
-  uint64_t generation_ = 0;
+  std::atomic<int> arrived_{0};
+  std::atomic<uint64_t> generation_{0};
 };
 
-// One warp's exchange slots for the shuffles.
+// One warp's exchange slots for the shuffles: relaxed atomics, which order nothing else.
 struct Warp {
   Barrier barrier{32, "warp shuffle"};
-  unsigned char slots[32][8];
+  std::atomic<uint64_t> slots[32];
 };
 
 struct Block {
@@ -147,11 +172,15 @@ T shfl_xor(unsigned int mask, T value, int lane_mask) {
   ThreadState& s = this_thread();
   const unsigned int lane = s.thread_idx.x % 32;
   Warp& warp = s.block->warps[s.thread_idx.x / 32];
-  std::memcpy(warp.slots[lane], &value, sizeof(T));
-  warp.barrier.wait();
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  warp.slots[lane].store(bits, std::memory_order_relaxed);
+  CUDA_EMULATION_UNORDERED(warp.barrier.wait());
+  bits = warp.slots[(lane ^ unsigned(lane_mask)) % 32].load(std::memory_order_relaxed);
+  // Nobody overwrites a slot before every lane has read it.
+  CUDA_EMULATION_UNORDERED(warp.barrier.wait());
   T out;
-  std::memcpy(&out, warp.slots[(lane ^ unsigned(lane_mask)) % 32], sizeof(T));
-  warp.barrier.wait();  // nobody overwrites a slot before every lane has read it
+  std::memcpy(&out, &bits, sizeof(T));
   return out;
 }
 

@@ -8,7 +8,8 @@
 //                split by hidden unit) or pointwise (the generic loop's kernels, one step)
 //     direction  forward or backward;  dtype  float64, float32, bfloat16 or float16
 //     T, N, H    steps, batch rows (pointwise: rows of c0), hidden size
-//     R          rows per block (single) or the rows tile (cooperative): 1, 2, 4 or 8
+//     R          rows per block (single): 1, 2, 4 or 8; the cooperative design takes
+//                rows_tile(N), as its launch code does
 //     U          hidden units per block (cooperative)
 //     n, n_prev  pointwise: the step's active rows, and the rows continuing the step before
 //     blocks     pointwise: the grid (its kernels loop over n H elements with a grid stride)
@@ -50,6 +51,18 @@
 namespace {
 
 using handlstm::persistent::kThreads;
+
+// An H100's or H200's shared memory per block (opt-in maximum): the launch code declines what
+// needs more, so a case that does is not one the GPU would run.
+constexpr int64_t kMaxSmemPerBlock = 232448;
+
+void check_smem(int64_t bytes) {
+  if (bytes > kMaxSmemPerBlock) {
+    throw std::runtime_error("the case needs " + std::to_string(bytes) + " bytes of shared "
+                             "memory per block, more than a GPU block has (" +
+                             std::to_string(kMaxSmemPerBlock) + "): its launch code would decline");
+  }
+}
 
 template <typename T>
 std::vector<T> read_array(const std::string& path, size_t count) {
@@ -106,7 +119,7 @@ void run_pointwise(const Args& a) {
   const auto grid = unsigned(a.blocks);
   if (a.direction == "forward") {
     std::vector<scalar_t> c = nan_array<scalar_t>(n * H), m = nan_array<scalar_t>(n * H);
-    cuda_emulation::launch(grid, kThreads, 0, false, [&] {
+    cuda_emulation::launch(grid, handlstm::cuda_cell::kThreads, 0, false, [&] {
       handlstm::cuda_cell::cell_forward_kernel<scalar_t>(gates.data(), cp, c0.data(), c.data(),
                                                          m.data(), n, H, n_prev);
     });
@@ -119,7 +132,7 @@ void run_pointwise(const Args& a) {
     if (a.grad_output) grad_output = in("grad_output", n * H);
     const scalar_t* go = a.grad_output ? grad_output.data() : nullptr;
     std::vector<scalar_t> dc = in("dc", n * H), dgates = nan_array<scalar_t>(n * G);
-    cuda_emulation::launch(grid, kThreads, 0, false, [&] {
+    cuda_emulation::launch(grid, handlstm::cuda_cell::kThreads, 0, false, [&] {
       handlstm::cuda_cell::cell_backward_kernel<scalar_t>(gates.data(), c.data(), cp, c0.data(),
                                                           dm.data(), go, dc.data(),
                                                           dgates.data(), n, H, n_prev);
@@ -155,6 +168,7 @@ void run(const Args& a) {
     std::vector<scalar_t> output = nan_array<scalar_t>(T * N * H);
     if (single) {
       const int64_t smem = handlstm::persistent::persistent_smem_bytes<scalar_t>(H, R);
+      check_smem(smem);
       cuda_emulation::launch(unsigned(blocks), kThreads, size_t(smem), false, [&] {
         handlstm::persistent::persistent_forward_kernel<scalar_t, R>(
             gates.data(), cells.data(), output.data(), h0.data(), c0.data(), w_hh.data(), T, N,
@@ -162,6 +176,7 @@ void run(const Args& a) {
       });
     } else {
       const int64_t smem = handlstm::persistent::smem_layout<scalar_t, true>(N, H, U, R).total;
+      check_smem(smem);
       cuda_emulation::launch(unsigned(blocks), kThreads, size_t(smem), true, [&] {
         handlstm::persistent::cooperative_forward_kernel<scalar_t, R>(
             gates.data(), cells.data(), output.data(), h0.data(), c0.data(), w_hh.data(), T, N,
@@ -180,6 +195,7 @@ void run(const Args& a) {
     std::vector<scalar_t> dgates = nan_array<scalar_t>(T * N * G);
     if (single) {
       const int64_t smem = handlstm::persistent::persistent_smem_bytes<scalar_t>(H, R);
+      check_smem(smem);
       cuda_emulation::launch(unsigned(blocks), kThreads, size_t(smem), false, [&] {
         handlstm::persistent::persistent_backward_kernel<scalar_t, R>(
             gates.data(), cells.data(), c0.data(), go, dgates.data(), dh.data(), dc.data(),
@@ -187,6 +203,7 @@ void run(const Args& a) {
       });
     } else {
       const int64_t smem = handlstm::persistent::smem_layout<scalar_t, false>(N, H, U, R).total;
+      check_smem(smem);
       // The launch code's scratch: (2, blocks, N, H) partial sums, uninitialised.
       std::vector<acc_t> partial = nan_array<acc_t>(size_t(2 * blocks * N * H));
       cuda_emulation::launch(unsigned(blocks), kThreads, size_t(smem), true, [&] {
@@ -206,12 +223,13 @@ void run(const Args& a) {
 template <typename scalar_t>
 void run_dtype(const Args& a) {
   if (a.design == "pointwise") return run_pointwise<scalar_t>(a);
-  switch (a.R) {
+  const int R = a.design == "cooperative" ? handlstm::persistent::rows_tile(a.N) : a.R;
+  switch (R) {
     case 1: return run<scalar_t, 1>(a);
     case 2: return run<scalar_t, 2>(a);
     case 4: return run<scalar_t, 4>(a);
     case 8: return run<scalar_t, 8>(a);
-    default: throw std::runtime_error("R must be 1, 2, 4 or 8, got " + std::to_string(a.R));
+    default: throw std::runtime_error("R must be 1, 2, 4 or 8, got " + std::to_string(R));
   }
 }
 
