@@ -46,14 +46,16 @@ ENV = {"ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0",
        "TSAN_OPTIONS": "halt_on_error=1:exitcode=66:report_signal_unsafe=0"}
 
 # (dtype, T, N, H, R, reverse, grad_output). Grids of 1 to 3 blocks with a last block of fewer
-# rows, H not a multiple of 32 and H = 1, T = 1, every rows variant R, and G and R H above the
-# block's 256 threads (each thread takes several gate columns and elements).
+# rows, H not a multiple of 32 and H = 1, T = 1, every rows variant R, G and R H above the
+# block's 256 threads (each thread takes several gate columns and elements), and a grid run in
+# two waves (emulation.h's kWaveBlocks).
 SINGLE = [
     ("float64", 3, 1, 5, 1, False, True),
     ("float64", 4, 5, 7, 2, True, True),
     ("float64", 2, 3, 33, 4, False, False),
     ("float64", 2, 9, 3, 8, True, True),
     ("float64", 1, 2, 1, 2, False, True),
+    ("float32", 2, 10, 5, 1, False, True),
     ("float32", 3, 4, 16, 4, False, True),
     ("float32", 2, 4, 70, 4, True, True),
     ("bfloat16", 3, 2, 12, 2, True, True),

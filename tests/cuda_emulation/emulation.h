@@ -134,33 +134,43 @@ inline ThreadState& this_thread() {
   std::abort();
 }
 
-// Runs kernel() as `grid` blocks of `threads` threads, all at once (each an OS thread), with
-// `smem_bytes` of dynamic shared memory per block. A cooperative launch also gets the grid
-// barrier; grid.sync() elsewhere is an error, as on a GPU.
+// Runs kernel() as `grid` blocks of `threads` threads (each an OS thread), with `smem_bytes` of
+// dynamic shared memory per block. A cooperative launch runs all its blocks at once and gets
+// the grid barrier; grid.sync() elsewhere is an error, as on a GPU. Other launches run in waves
+// of at most kWaveBlocks blocks at once, as a GPU runs a grid larger than it can hold (their
+// blocks must not wait for each other), which keeps the thread count bounded.
+constexpr unsigned int kWaveBlocks = 8;
+
 template <typename Kernel>
 void launch(unsigned int grid, unsigned int threads, size_t smem_bytes, bool cooperative,
             Kernel kernel) {
   if (threads % 32 != 0) fail("launch: threads per block must be a multiple of 32 here");
-  std::vector<std::unique_ptr<Block>> blocks;
-  for (unsigned int b = 0; b < grid; ++b) blocks.emplace_back(new Block(threads, smem_bytes));
   Barrier grid_barrier(int(grid * threads), "grid.sync()");
-  std::vector<std::thread> workers;
-  workers.reserve(size_t(grid) * threads);
-  for (unsigned int b = 0; b < grid; ++b) {
-    for (unsigned int t = 0; t < threads; ++t) {
-      workers.emplace_back([&, b, t] {
-        ThreadState& s = this_thread();
-        s.thread_idx.x = t;
-        s.block_idx.x = b;
-        s.block_dim.x = threads;
-        s.grid_dim.x = grid;
-        s.block = blocks[b].get();
-        s.grid_barrier = cooperative ? &grid_barrier : nullptr;
-        kernel();
-      });
+  const unsigned int wave = cooperative ? grid : std::min(grid, kWaveBlocks);
+  for (unsigned int first = 0; first < grid; first += wave) {
+    const unsigned int last = std::min(grid, first + wave);
+    std::vector<std::unique_ptr<Block>> blocks;
+    for (unsigned int b = first; b < last; ++b) {
+      blocks.emplace_back(new Block(threads, smem_bytes));
     }
+    std::vector<std::thread> workers;
+    workers.reserve(size_t(last - first) * threads);
+    for (unsigned int b = first; b < last; ++b) {
+      for (unsigned int t = 0; t < threads; ++t) {
+        workers.emplace_back([&, b, t] {
+          ThreadState& s = this_thread();
+          s.thread_idx.x = t;
+          s.block_idx.x = b;
+          s.block_dim.x = threads;
+          s.grid_dim.x = grid;
+          s.block = blocks[b - first].get();
+          s.grid_barrier = cooperative ? &grid_barrier : nullptr;
+          kernel();
+        });
+      }
+    }
+    for (auto& w : workers) w.join();
   }
-  for (auto& w : workers) w.join();
 }
 
 inline void syncthreads() { this_thread().block->barrier.wait(); }
