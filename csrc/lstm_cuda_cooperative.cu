@@ -2,8 +2,9 @@
 // backward) recurrence when W_hh is too large for one block's shared memory, by splitting it
 // across blocks and putting a grid-wide barrier between steps.
 //
-// STATUS: compiled in CI, never run on a GPU. Reached only when the CUDA loop mode asks for a
-// persistent loop (see CudaLoopMode in lstm.h), for calls whose W_hh does not fit the
+// STATUS: compiled in CI, never run on a GPU (its kernels, lstm_cuda_cooperative_kernels.cuh,
+// do run on the CPU in tests/test_cuda_emulation.py). Reached only when the CUDA loop mode asks
+// for a persistent loop (see CudaLoopMode in lstm.h), for calls whose W_hh does not fit the
 // single-block loops (lstm_cuda_persistent.cu), or for every call in scope while
 // cuda_persistent_cooperative_only is set (the tests' way to run this design at small sizes).
 //

@@ -1,7 +1,8 @@
 // Persistent CUDA time loops: one launch runs every step of the forward (or the backward)
 // recurrence, with the recurrent weight held in shared memory across steps.
 //
-// STATUS: compiled in CI, never run on a GPU. Off unless the CUDA loop mode asks for it
+// STATUS: compiled in CI, never run on a GPU (its kernels, lstm_cuda_persistent_kernels.cuh, do
+// run on the CPU in tests/test_cuda_emulation.py). Off unless the CUDA loop mode asks for it
 // (set_cuda_time_loop("persistent" or "auto"), HANDLSTM_CUDA_LOOP, or the shorthand
 // HANDLSTM_CUDA_PERSISTENT=1); benchmarks/gpu_check.sh runs its tests. The hooks
 // at the bottom are the entry of both persistent designs: this one and the cooperative loops.
