@@ -30,7 +30,7 @@ from torch.utils import cpp_extension
 from handlstm_cuda import reference
 
 ROOT = Path(__file__).resolve().parent.parent
-HARNESS = ROOT / "tests" / "cuda_emulation" / "harness.cpp"
+EMULATION = ROOT / "tests" / "cuda_emulation"
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
 # Each kernel rounds what it stores to the dtype at every step, as the generic loop does; these
@@ -99,21 +99,29 @@ def _case_id(case):
     return "-".join(str(int(v) if isinstance(v, bool) else v) for v in case)
 
 
+def _build(tmp_path_factory, source, name, flags):
+    """`source` compiled into an executable `name` with the C++ compiler ($CXX, else g++) and
+    `flags`; the test is skipped where there is no compiler."""
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        pytest.skip(f"no C++ compiler (g++ or $CXX) to build {source.name}")
+    out = tmp_path_factory.mktemp("cuda_emulation") / name
+    cmd = [compiler, "-std=c++20", "-O1", "-g", "-fno-omit-frame-pointer", "-pthread",
+           f"-I{EMULATION}", *flags, str(source), "-o", str(out)]
+    built = subprocess.run(cmd, capture_output=True, text=True)
+    assert built.returncode == 0, f"building {source.name} failed:\n{built.stderr[-4000:]}"
+    return out
+
+
 @pytest.fixture(scope="module", params=sorted(SANITIZERS))
 def harness(request, tmp_path_factory):
     """The harness built under one sanitizer (about a minute on two cores)."""
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None:
-        pytest.skip("no C++ compiler (g++ or $CXX) to build the emulation harness")
-    out = tmp_path_factory.mktemp("cuda_emulation") / f"harness_{request.param}"
-    include = [f"-I{p}" for p in [ROOT / "csrc", *cpp_extension.include_paths()]]
     libs = cpp_extension.library_paths()
-    cmd = [compiler, "-std=c++20", "-O1", "-g", "-fno-omit-frame-pointer", "-pthread",
-           *SANITIZERS[request.param], *include, str(HARNESS), "-o", str(out),
-           *[f"-L{p}" for p in libs], *[f"-Wl,-rpath,{p}" for p in libs], "-lc10"]
-    built = subprocess.run(cmd, capture_output=True, text=True)
-    assert built.returncode == 0, f"building the harness failed:\n{built.stderr[-4000:]}"
-    return request.param, out
+    flags = [*SANITIZERS[request.param],
+             *[f"-I{p}" for p in [ROOT / "csrc", *cpp_extension.include_paths()]],
+             *[f"-L{p}" for p in libs], *[f"-Wl,-rpath,{p}" for p in libs], "-lc10"]
+    return request.param, _build(tmp_path_factory, EMULATION / "harness.cpp",
+                                 f"harness_{request.param}", flags)
 
 
 def _run(harness, folder, **kw):
@@ -233,16 +241,8 @@ def test_cooperative_kernels_match_the_reference(harness, case, tmp_path):
 @pytest.fixture(scope="module")
 def self_check(tmp_path_factory):
     """tests/cuda_emulation/self_check.cpp built under ThreadSanitizer."""
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None:
-        pytest.skip("no C++ compiler (g++ or $CXX) to build the emulation's self-check")
-    out = tmp_path_factory.mktemp("cuda_emulation") / "self_check"
-    source = ROOT / "tests" / "cuda_emulation" / "self_check.cpp"
-    built = subprocess.run([compiler, "-std=c++20", "-O1", "-g", "-pthread", "-fsanitize=thread",
-                            f"-I{source.parent}", str(source), "-o", str(out)],
-                           capture_output=True, text=True)
-    assert built.returncode == 0, f"building the self-check failed:\n{built.stderr[-4000:]}"
-    return out
+    return _build(tmp_path_factory, EMULATION / "self_check.cpp", "self_check",
+                  SANITIZERS["thread"])
 
 
 @pytest.mark.parametrize("mode,race", [("shuffle_values", False), ("shuffle_fence", True),

@@ -64,12 +64,21 @@ void check_smem(int64_t bytes) {
   }
 }
 
+struct Args {
+  std::string design, direction, dtype, dir;
+  int64_t T, N, H, U, n, n_prev, blocks;
+  int R;
+  bool reverse, grad_output;
+};
+
+// DIR/name: `count` elements of T.
 template <typename T>
-std::vector<T> read_array(const std::string& path, size_t count) {
+std::vector<T> read_input(const Args& a, const std::string& name, int64_t count) {
+  const std::string path = a.dir + "/" + name;
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) throw std::runtime_error("cannot open " + path);
   const auto bytes = static_cast<size_t>(in.tellg());
-  if (bytes != count * sizeof(T)) {
+  if (bytes != size_t(count) * sizeof(T)) {
     throw std::runtime_error(path + ": expected " + std::to_string(count * sizeof(T)) +
                              " bytes, found " + std::to_string(bytes));
   }
@@ -79,8 +88,16 @@ std::vector<T> read_array(const std::string& path, size_t count) {
   return v;
 }
 
+// dL/doutput when the run has it (grad_output=1), else an empty vector.
 template <typename T>
-void write_array(const std::string& path, const std::vector<T>& v) {
+std::vector<T> read_grad_output(const Args& a, int64_t count) {
+  return a.grad_output ? read_input<T>(a, "grad_output", count) : std::vector<T>();
+}
+
+// DIR/name.out
+template <typename T>
+void write_output(const Args& a, const std::string& name, const std::vector<T>& v) {
+  const std::string path = a.dir + "/" + name + ".out";
   std::ofstream out(path, std::ios::binary);
   out.write(reinterpret_cast<const char*>(v.data()), std::streamsize(v.size() * sizeof(T)));
   if (!out) throw std::runtime_error("cannot write " + path);
@@ -94,22 +111,12 @@ std::vector<T> nan_array(size_t count) {
   return v;
 }
 
-struct Args {
-  std::string design, direction, dtype, dir;
-  int64_t T, N, H, U, n, n_prev, blocks;
-  int R;
-  bool reverse, grad_output;
-};
-
 // The generic loop's pointwise kernels for one step.
 template <typename scalar_t>
 void run_pointwise(const Args& a) {
   const int64_t N = a.N, H = a.H, G = 4 * H, n = a.n, n_prev = a.n_prev;
   const auto in = [&](const char* name, int64_t count) {
-    return read_array<scalar_t>(a.dir + "/" + name, size_t(count));
-  };
-  const auto out = [&](const char* name, const std::vector<scalar_t>& v) {
-    write_array(a.dir + "/" + name + std::string(".out"), v);
+    return read_input<scalar_t>(a, name, count);
   };
   std::vector<scalar_t> gates = in("gates", n * G);
   const std::vector<scalar_t> c0 = in("c0", N * H);
@@ -123,13 +130,12 @@ void run_pointwise(const Args& a) {
       handlstm::cuda_cell::cell_forward_kernel<scalar_t>(gates.data(), cp, c0.data(), c.data(),
                                                          m.data(), n, H, n_prev);
     });
-    out("gates", gates);
-    out("c", c);
-    out("m", m);
+    write_output(a, "gates", gates);
+    write_output(a, "c", c);
+    write_output(a, "m", m);
   } else if (a.direction == "backward") {
     const std::vector<scalar_t> c = in("c", n * H), dm = in("dm", n * H);
-    std::vector<scalar_t> grad_output;
-    if (a.grad_output) grad_output = in("grad_output", n * H);
+    const std::vector<scalar_t> grad_output = read_grad_output<scalar_t>(a, n * H);
     const scalar_t* go = a.grad_output ? grad_output.data() : nullptr;
     std::vector<scalar_t> dc = in("dc", n * H), dgates = nan_array<scalar_t>(n * G);
     cuda_emulation::launch(grid, handlstm::cuda_cell::kThreads, 0, false, [&] {
@@ -137,8 +143,8 @@ void run_pointwise(const Args& a) {
                                                           dm.data(), go, dc.data(),
                                                           dgates.data(), n, H, n_prev);
     });
-    out("dgates", dgates);
-    out("dc", dc);
+    write_output(a, "dgates", dgates);
+    write_output(a, "dc", dc);
   } else {
     throw std::runtime_error("unknown direction " + a.direction);
   }
@@ -149,72 +155,65 @@ void run(const Args& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = a.T, N = a.N, H = a.H, G = 4 * H, U = a.U;
   const auto in = [&](const char* name, int64_t count) {
-    return read_array<scalar_t>(a.dir + "/" + name, size_t(count));
+    return read_input<scalar_t>(a, name, count);
   };
-  const auto out = [&](const char* name, const std::vector<scalar_t>& v) {
-    write_array(a.dir + "/" + name + std::string(".out"), v);
-  };
-  const bool single = a.design == "single";
+  const bool single = a.design == "single", forward = a.direction == "forward";
   if (!single && a.design != "cooperative") throw std::runtime_error("unknown design " + a.design);
   // Grid and shared memory as the launch code computes them (lstm_cuda_persistent.cu,
   // lstm_cuda_cooperative.cu): a block per R rows, or a block per U hidden units.
+  namespace kern = handlstm::persistent;
   const int64_t blocks = single ? (N + R - 1) / R : (H + U - 1) / U;
+  const int64_t smem = single    ? kern::persistent_smem_bytes<scalar_t>(H, R)
+                       : forward ? kern::smem_layout<scalar_t, true>(N, H, U, R).total
+                                 : kern::smem_layout<scalar_t, false>(N, H, U, R).total;
+  check_smem(smem);
   const std::vector<scalar_t> w_hh = in("w_hh", G * H), c0 = in("c0", N * H);
 
-  if (a.direction == "forward") {
+  if (forward) {
     std::vector<scalar_t> gates = in("gates", T * N * G);
     const std::vector<scalar_t> h0 = in("h0", N * H);
     std::vector<scalar_t> cells = nan_array<scalar_t>(T * N * H);
     std::vector<scalar_t> output = nan_array<scalar_t>(T * N * H);
     if (single) {
-      const int64_t smem = handlstm::persistent::persistent_smem_bytes<scalar_t>(H, R);
-      check_smem(smem);
       cuda_emulation::launch(unsigned(blocks), kThreads, size_t(smem), false, [&] {
-        handlstm::persistent::persistent_forward_kernel<scalar_t, R>(
+        kern::persistent_forward_kernel<scalar_t, R>(
             gates.data(), cells.data(), output.data(), h0.data(), c0.data(), w_hh.data(), T, N,
             H, a.reverse);
       });
     } else {
-      const int64_t smem = handlstm::persistent::smem_layout<scalar_t, true>(N, H, U, R).total;
-      check_smem(smem);
       cuda_emulation::launch(unsigned(blocks), kThreads, size_t(smem), true, [&] {
-        handlstm::persistent::cooperative_forward_kernel<scalar_t, R>(
+        kern::cooperative_forward_kernel<scalar_t, R>(
             gates.data(), cells.data(), output.data(), h0.data(), c0.data(), w_hh.data(), T, N,
             H, U, a.reverse);
       });
     }
-    out("gates", gates);
-    out("cells", cells);
-    out("output", output);
+    write_output(a, "gates", gates);
+    write_output(a, "cells", cells);
+    write_output(a, "output", output);
   } else if (a.direction == "backward") {
     const std::vector<scalar_t> gates = in("gates", T * N * G), cells = in("cells", T * N * H);
-    std::vector<scalar_t> grad_output;
-    if (a.grad_output) grad_output = in("grad_output", T * N * H);
+    const std::vector<scalar_t> grad_output = read_grad_output<scalar_t>(a, T * N * H);
     const scalar_t* go = a.grad_output ? grad_output.data() : nullptr;
     std::vector<scalar_t> dh = in("dh", N * H), dc = in("dc", N * H);
     std::vector<scalar_t> dgates = nan_array<scalar_t>(T * N * G);
     if (single) {
-      const int64_t smem = handlstm::persistent::persistent_smem_bytes<scalar_t>(H, R);
-      check_smem(smem);
       cuda_emulation::launch(unsigned(blocks), kThreads, size_t(smem), false, [&] {
-        handlstm::persistent::persistent_backward_kernel<scalar_t, R>(
+        kern::persistent_backward_kernel<scalar_t, R>(
             gates.data(), cells.data(), c0.data(), go, dgates.data(), dh.data(), dc.data(),
             w_hh.data(), T, N, H, a.reverse);
       });
     } else {
-      const int64_t smem = handlstm::persistent::smem_layout<scalar_t, false>(N, H, U, R).total;
-      check_smem(smem);
       // The launch code's scratch: (2, blocks, N, H) partial sums, uninitialised.
       std::vector<acc_t> partial = nan_array<acc_t>(size_t(2 * blocks * N * H));
       cuda_emulation::launch(unsigned(blocks), kThreads, size_t(smem), true, [&] {
-        handlstm::persistent::cooperative_backward_kernel<scalar_t, R>(
+        kern::cooperative_backward_kernel<scalar_t, R>(
             gates.data(), cells.data(), c0.data(), go, dgates.data(), dh.data(), dc.data(),
             w_hh.data(), partial.data(), T, N, H, U, a.reverse);
       });
     }
-    out("dgates", dgates);
-    out("dh", dh);
-    out("dc", dc);
+    write_output(a, "dgates", dgates);
+    write_output(a, "dh", dh);
+    write_output(a, "dc", dc);
   } else {
     throw std::runtime_error("unknown direction " + a.direction);
   }
