@@ -296,13 +296,17 @@ void add_at_b(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
     }
     return;
   }
-  if (!out.defined()) out = at::zeros({a.size(1), b.size(1)}, a.options());
-  auto sum = out.to(at::kDouble);
+  auto sum = out.defined() ? out.to(at::kDouble)
+                          : at::zeros({a.size(1), b.size(1)}, a.options().dtype(at::kDouble));
   for (int64_t k0 = 0; k0 < K; k0 += kGradRowsPerGemm) {
     const int64_t k = std::min(kGradRowsPerGemm, K - k0);
     sum.add_(at_b(a.narrow(0, k0, k), b.narrow(0, k0, k), kernels));
   }
-  out.copy_(sum);
+  if (out.defined()) {
+    out.copy_(sum);
+  } else {
+    out = sum.to(dtype);
+  }
 }
 
 }  // namespace
@@ -456,9 +460,8 @@ BackwardResult lstm_backward_impl(
   const auto or_zeros = [&](at::Tensor& g, int64_t rows_, int64_t cols) {
     if (!g.defined()) g = at::zeros({rows_, cols}, opts);
   };
-  auto grad_w_ih = none();
+  auto grad_w_ih = mask[1] ? at::Tensor() : none();
   if (mask[1]) {
-    grad_w_ih = at::Tensor();
     add_at_b(grad_w_ih, dg2d, x.view({d.T * d.N, d.I}), kernels);
     or_zeros(grad_w_ih, d.G, d.I);
   }
@@ -466,9 +469,8 @@ BackwardResult lstm_backward_impl(
 
   // dW_hh = sum_t dp_t^T h_{t-1}. h_{t-1} is the previous processed step's output, except for
   // the first step and for rows that start mid-sequence, which read h0.
-  auto grad_w_hh = none();
+  auto grad_w_hh = mask[2] ? at::Tensor() : none();
   if (mask[2]) {
-    grad_w_hh = at::Tensor();
     if (d.T > 1) {
       const auto later = reverse ? dgates.narrow(0, 0, d.T - 1) : dgates.narrow(0, 1, d.T - 1);
       const auto earlier = reverse ? output.narrow(0, 1, d.T - 1) : output.narrow(0, 0, d.T - 1);
@@ -483,9 +485,8 @@ BackwardResult lstm_backward_impl(
     }
     or_zeros(grad_w_hh, d.G, d.Hout);
   }
-  auto grad_w_hr = none();
+  auto grad_w_hr = d.proj && mask[4] ? at::Tensor() : none();
   if (d.proj && mask[4]) {
-    grad_w_hr = at::Tensor();
     add_at_b(grad_w_hr, dhs.view({d.T * d.N, d.Hout}), proj_in.view({d.T * d.N, d.H}),
              kernels);
     or_zeros(grad_w_hr, d.Hout, d.H);
