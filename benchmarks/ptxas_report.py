@@ -30,7 +30,8 @@ USED = re.compile(r"Used (\d+) registers(?:.*?, (\d+) bytes smem)?")
 def nvcc_command(source, arch, out_dir):
     from torch.utils import cpp_extension
 
-    sys.path.insert(0, str(ROOT))
+    # The include folders setup.py's nvidia_pip_include_dirs adds (setup.py runs its build on
+    # import, so the few lines are repeated here).
     nvidia = []
     for entry in sys.path:
         nv = Path(entry) / "nvidia"
